@@ -1,0 +1,1 @@
+"""The `landscape` command: a thin layer over `sparse_training` and `landscape`."""

@@ -1,0 +1,66 @@
+"""The `landscape` click group. Subcommands are imported only when invoked, so that
+`landscape --help` never imports torch."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import click
+
+# name -> (module, attribute, one-line help shown by `landscape --help`)
+COMMANDS = {
+    "train": ("cli.train", "train", "Train a dense or sparse network into a run directory."),
+    "info": ("cli.info", "info", "Show what a run or checkpoint holds."),
+    "barrier": ("cli.connectivity", "barrier", "Error/loss barrier on the line between two checkpoints."),
+    "connectivity": ("cli.connectivity", "connectivity", "Barriers between consecutive cycles, or between two runs."),
+    "sharpness": ("cli.sharpness", "sharpness", "Top Hessian eigenvalues (mask-aware Lanczos) and trace."),
+    "signs": ("cli.signs", "signs", "Sign flips of kept weights against init, rewind or previous cycle."),
+    "overlap": ("cli.signs", "overlap", "Pairwise overlap of masks, against chance."),
+    "metrics": ("cli.signs", "metrics", "Runs' metrics.csv as one dataset."),
+    "plot": ("cli.plot", "plot", "Figures from analysis datasets."),
+    "demo": ("cli.demo", "demo", "A small study on MNIST-1D, analyses and figures included."),
+    "bench": ("cli.bench", "bench", "Side-by-side benchmarks (training step, Hessian, barrier)."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if _available(name)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS or not _available(name):
+            return None
+        module, attribute, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _available(name: str) -> bool:
+    return importlib.util.find_spec(COMMANDS[name][0]) is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(package_name="sparse-landscape", prog_name="landscape")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Sparse training and loss-landscape analysis.
+
+    Results go to stdout (a short summary, or one JSON object with --json); progress and logs
+    go to stderr. Exit codes: 0 done, 1 runtime failure, 2 bad input, 3 incomplete run."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def main() -> None:
+    cli(prog_name="landscape")
+
+
+if __name__ == "__main__":
+    main()

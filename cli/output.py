@@ -1,0 +1,143 @@
+"""Shared CLI plumbing: error handling, --json, logging to stderr, progress bars."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+
+def _debug_enabled() -> bool:
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None:
+        if isinstance(ctx.obj, dict) and ctx.obj.get("debug"):
+            return True
+        ctx = ctx.parent
+    return False
+
+
+def handle_errors(func: Callable) -> Callable:
+    """Turn library errors into one line on stderr and the documented exit code:
+    2 bad input, 3 incomplete run, 1 anything else. --debug re-raises for a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from sparse_training.errors import SparseTrainingError
+
+        try:
+            return func(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except SparseTrainingError as error:
+            if _debug_enabled():
+                raise
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except OSError as error:
+            if _debug_enabled():
+                raise
+            where = f" {error.filename}" if getattr(error, "filename", None) else ""
+            click.echo(f"error: cannot access{where}: {error.strerror or error}", err=True)
+            sys.exit(1)
+        except Exception as error:  # noqa: BLE001 - the last line of defence
+            if _debug_enabled():
+                raise
+            click.echo(f"error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+                       "(this is a bug; rerun with `landscape --debug ...` for the traceback)", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def json_option(func: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")(func)
+
+
+def device_option(func: Callable) -> Callable:
+    return click.option("--device", default=None, help="torch device (cpu, cuda, cuda:1); default: cuda if available.")(func)
+
+
+def allow_incomplete_option(func: Callable) -> Callable:
+    return click.option("--allow-incomplete", is_flag=True, help="Analyse a run that has no DONE marker.")(func)
+
+
+def model_data_options(func: Callable) -> Callable:
+    """For plain state_dict files from a user's own training code."""
+    func = click.option("--data", "data_name", default=None, help="Data set a plain state_dict was trained on (e.g. mnist1d).")(func)
+    func = click.option("--model-kwargs", default=None, help="JSON object of model keyword arguments.")(func)
+    func = click.option("--model", "model_name", default=None, help="Model name for a plain state_dict file.")(func)
+    return func
+
+
+def parse_model_kwargs(text: str | None) -> dict[str, Any] | None:
+    from sparse_training.errors import UserError
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise UserError(f"--model-kwargs must be a JSON object, got {text!r}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--model-kwargs must be a JSON object, got {text!r}")
+    return value
+
+
+def resolve_device(name: str | None) -> str:
+    import torch
+
+    from sparse_training.errors import UserError
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
+    return str(device)
+
+
+def log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def emit(result: dict[str, Any], as_json: bool, summary: str) -> None:
+    """The command's result: one JSON object, or the human summary, on stdout."""
+    if as_json:
+        click.echo(json.dumps(result, default=_jsonable, sort_keys=True))
+    else:
+        click.echo(summary)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def progress_enabled() -> bool:
+    """Progress bars only when stderr is a terminal."""
+    return sys.stderr.isatty()
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    """A plain fixed-width table for summaries."""
+    cells = [header] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

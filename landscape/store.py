@@ -1,0 +1,133 @@
+"""The one writer and reader of analysis datasets: netCDF4 files through h5netcdf, written
+atomically (temporary file + rename), attrs sanitised, every variable described.
+
+Conventions: dims are singular snake_case; coordinates are always stored; every data
+variable has `long_name`, `units` ("1" when dimensionless) and `description`; global attrs
+carry provenance (inputs, settings as a JSON string, package version, command)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import xarray as xr
+
+from sparse_training import __version__
+from sparse_training.checkpoint import atomic_path
+from sparse_training.errors import UserError
+
+ENGINE = "h5netcdf"
+REQUIRED_VAR_ATTRS = ("long_name", "units", "description")
+
+
+def describe(da: xr.DataArray, long_name: str, units: str, description: str) -> xr.DataArray:
+    """Attach the CF-style attributes every stored variable carries."""
+    da.attrs.update(long_name=long_name, units=units, description=description)
+    return da
+
+
+def provenance(inputs: list[str | Path], settings: Mapping[str, Any], base: str | Path | None = None, analysis: str = "") -> dict[str, str]:
+    """Global attrs: inputs (relative to `base`, usually the run), settings, version, command."""
+    def rel(p: str | Path) -> str:
+        p = Path(p)
+        if base is not None:
+            try:
+                return str(p.resolve().relative_to(Path(base).resolve()))
+            except ValueError:
+                pass
+        return str(p)
+
+    return {
+        "analysis": analysis,
+        "inputs": json.dumps([rel(p) for p in inputs]),
+        "settings": json.dumps(dict(settings), sort_keys=True, default=str),
+        "package_version": __version__,
+        "command": " ".join(["landscape"] + sys.argv[1:]) if sys.argv else "",
+    }
+
+
+def _sanitise(value: Any) -> Any:
+    """netCDF attrs take strings and numbers: dicts/lists become JSON, None becomes ""."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (str, int, float, np.integer, np.floating)):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype.kind in "if":
+        return value
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def sanitised(ds: xr.Dataset) -> xr.Dataset:
+    ds = ds.copy()
+    ds.attrs = {k: _sanitise(v) for k, v in ds.attrs.items()}
+    for name in ds.variables:
+        ds[name].attrs = {k: _sanitise(v) for k, v in ds[name].attrs.items()}
+    return ds
+
+
+def check_described(ds: xr.Dataset) -> None:
+    """Every data variable must say what it is; a programming error otherwise."""
+    for name, var in ds.data_vars.items():
+        missing = [a for a in REQUIRED_VAR_ATTRS if a not in var.attrs]
+        if missing:
+            raise ValueError(f"variable {name!r} lacks attrs {missing}")
+
+
+def write_dataset(ds: xr.Dataset, path: str | Path) -> Path:
+    """Write `ds` to `path` atomically; the previous file stays intact if anything fails."""
+    path = Path(path)
+    check_described(ds)
+    ds = sanitised(ds)
+    for name, var in ds.data_vars.items():
+        if var.dtype.kind == "f" and not bool(np.isfinite(var.values).all()) and not var.attrs.get("allow_nan"):
+            raise ValueError(f"variable {name!r} holds non-finite values")
+    try:
+        with atomic_path(path) as tmp:
+            ds.to_netcdf(tmp, engine=ENGINE)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}; previous results are untouched") from None
+    return path
+
+
+def read_dataset(path: str | Path) -> xr.Dataset:
+    """Load a dataset fully into memory and close the file; a one-line UserError if it is
+    missing or is not a netCDF dataset."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist or is not a file; pass a .nc dataset written by landscape")
+    try:
+        with xr.open_dataset(path, engine=ENGINE) as ds:
+            return ds.load()
+    except Exception as error:  # noqa: BLE001 - h5py/xarray raise many types for bad bytes
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise UserError(f"{path} is not a readable netCDF dataset ({reason})") from None
+
+
+def settings_of(ds: xr.Dataset) -> dict[str, Any]:
+    try:
+        return json.loads(ds.attrs.get("settings", "{}"))
+    except json.JSONDecodeError:
+        return {}
+
+
+@contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """An exclusive lock beside `path` (path + '.lock'), so that two analyses of the same
+    run read-modify-write the dataset one after the other."""
+    lock_path = Path(f"{path}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

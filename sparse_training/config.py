@@ -1,0 +1,215 @@
+"""Run configuration: frozen dataclasses with a JSON round-trip. Every default lives here.
+
+A config is built from a TOML file (`--config run.toml`, sections named like the fields of
+`Config`) and/or flags, then `resolve()`d (method-dependent defaults filled in, values
+checked) before anything is written; the resolved config is the first file of a run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+
+METHODS = ("dense", "pai", "pai-cyclic", "imp", "lrr", "sculpt", "transfer", "gmp", "rigl")
+PRUNERS = ("random", "magnitude", "snip", "synflow", "grasp")
+ALLOCATIONS = ("global", "uniform", "erk", "er-balanced")
+SCHEDULES = ("triangular", "step", "cosine", "constant")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "mnist1d"  # mnist1d | cifar10 | cifar100 | mnist | fashion-mnist | imagefolder:PATH | npz:PATH | synthetic
+    data_dir: str | None = None  # where torchvision data sets live; the mnist1d cache
+    download: bool = False  # torchvision sources only, and only when asked
+    augment: bool = True  # the data set's standard training augmentation (CIFAR: crop+flip)
+    seed: int = 42  # generation seed of mnist1d / synthetic
+    num_workers: int = 0  # DataLoader workers for the large (folder) sources
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cnn1d"  # see sparse_training.models.MODEL_NAMES, tv:NAME, module.path:factory
+    kwargs: dict[str, Any] = field(default_factory=dict)  # completed with num_classes/in_channels
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "sgd"
+    lr: float = 0.1  # peak learning rate of every cycle
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    batch_size: int = 128
+    eval_batch_size: int = 1024
+    schedule: str = "triangular"  # triangular | step | cosine | constant
+    warmup_fraction: float = 0.2  # of each cycle (triangular: the ramp; step/cosine: linear warm-up)
+    warmup_start: float = 0.2  # the warm-up starts at warmup_start * lr
+    milestones: tuple[float, ...] = (0.5, 0.75)  # step decay: fractions of the cycle
+    gamma: float = 0.1  # step decay factor
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    pruner: str = "random"  # criterion of the prune-at-init step
+    allocation: str | None = None  # None: resolved (global for scored pruners, erk for random)
+    sparsity: float = 0.0  # target sparsity of the run
+    initial_sparsity: float = 0.5  # sculpt: the prune-at-init sparsity before the cut
+    prune_fraction: float = 0.2  # imp/lrr: fraction of remaining weights pruned per cycle
+    rewind_epoch: int = 10  # imp: epoch of cycle 0 whose weights later cycles rewind to
+    score_batches: int = 1  # batches of training data scored by snip/grasp
+    synflow_rounds: int = 100  # iterative SynFlow, as in Tanaka et al. 2020
+    grasp_temperature: float = 200.0
+    mask_from: str | None = None  # transfer: checkpoint whose mask is used
+    weights_from: str | None = None  # transfer: checkpoint, or "random" for a fresh init
+    signs_from: str | None = None  # transfer: checkpoint whose signs are kept
+    update_every: int = 100  # gmp/rigl: steps between mask updates
+    update_end: float = 0.75  # gmp/rigl: fraction of training after which the mask is fixed
+    update_start: float = 0.0  # gmp: fraction of training when pruning starts
+    rigl_fraction: float = 0.3  # rigl: initial drop/grow fraction (cosine-decayed)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str = "dense"
+    cycles: int = 1  # cycles after the prune-at-init step (pai-cyclic, sculpt, transfer); pruning cycles (imp/lrr) come from the sparsity
+    epochs: int = 20  # per cycle
+    seed: int = 0
+    device: str = "cpu"
+    save_every: int = 0  # also write checkpoints/cycle_XXX_epoch_YYY.pt every N epochs (0: never)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        if not isinstance(raw, dict):
+            raise UserError("config must be a table of sections (data, model, optim, prune, run)")
+        raw = dict(raw)
+        version = raw.pop("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise UserError(f"config schema version {version} is not supported (this is {SCHEMA_VERSION})")
+        sections = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "schema_version"}
+        unknown = sorted(set(raw) - set(sections))
+        if unknown:
+            raise UserError(f"unknown config section(s) {unknown}; expected {sorted(sections)}")
+        built = {name: _section(_SECTION_TYPES[name], raw.get(name, {}), name) for name in sections}
+        return cls(**built)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"config is not valid JSON: {error}") from None
+        return cls.from_dict(raw)
+
+    def replace(self, section: str, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "prune": PruneConfig, "run": RunConfig}
+
+
+def _section(cls: type, raw: Any, name: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"config section [{name}] must be a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise UserError(f"unknown key(s) {unknown} in config section [{name}]; known: {sorted(known)}")
+    values = {}
+    for key, value in raw.items():
+        default = known[key].default
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if key == "kwargs" and not isinstance(value, dict):
+            raise UserError(f"[{name}] kwargs must be a table")
+        values[key] = value
+    return cls(**values)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML run file into the raw dict `Config.from_dict` takes."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"config file {path} is not valid TOML: {error}") from None
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror}") from None
+
+
+def merge(raw: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Flags override the file: `overrides` is {section: {key: value}} of the flags given."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for section, values in overrides.items():
+        merged.setdefault(section, {})
+        if not isinstance(merged[section], dict):
+            raise UserError(f"config section [{section}] must be a table")
+        merged[section].update(values)
+    return merged
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def resolve(config: Config) -> Config:
+    """Fill method-dependent defaults and check every value; raise UserError on the first problem."""
+    run, prune, optim = config.run, config.prune, config.optim
+    _check(run.method in METHODS, f"unknown method {run.method!r}; choose one of {', '.join(METHODS)}")
+    _check(prune.pruner in PRUNERS, f"unknown pruner {prune.pruner!r}; choose one of {', '.join(PRUNERS)}")
+    _check(optim.schedule in SCHEDULES, f"unknown schedule {optim.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    _check(optim.optimizer in OPTIMIZERS, f"unknown optimizer {optim.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    _check(0.0 <= prune.sparsity < 1.0, f"sparsity must be in [0, 1), got {prune.sparsity}")
+    _check(run.epochs >= 1, f"epochs must be at least 1, got {run.epochs}")
+    _check(run.cycles >= 1, f"cycles must be at least 1, got {run.cycles}")
+    _check(optim.lr > 0, f"lr must be positive, got {optim.lr}")
+    _check(optim.batch_size >= 1 and optim.eval_batch_size >= 1, "batch sizes must be at least 1")
+    _check(0.0 <= optim.warmup_fraction < 1.0, f"warmup-fraction must be in [0, 1), got {optim.warmup_fraction}")
+    _check(run.save_every >= 0, "save-every must be >= 0")
+    allocation = prune.allocation or ("erk" if prune.pruner == "random" else "global")
+    _check(allocation in ALLOCATIONS, f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    if run.method == "dense":
+        _check(prune.sparsity == 0.0, "method dense trains no mask; drop --sparsity or choose a pruning method")
+    elif run.method != "transfer":
+        _check(prune.sparsity > 0.0, f"method {run.method} needs --sparsity > 0")
+    if run.method in ("imp", "lrr"):
+        _check(0.0 < prune.prune_fraction < 1.0, f"prune-fraction must be in (0, 1), got {prune.prune_fraction}")
+        _check(0 <= prune.rewind_epoch <= run.epochs,
+               f"rewind-epoch {prune.rewind_epoch} is beyond the cycle of {run.epochs} epochs; choose 0..{run.epochs}")
+    if run.method == "sculpt":
+        _check(0.0 < prune.initial_sparsity < 1.0, f"initial-sparsity must be in (0, 1), got {prune.initial_sparsity}")
+        _check(prune.sparsity > prune.initial_sparsity,
+               f"sparsity {prune.sparsity} must be higher than initial-sparsity {prune.initial_sparsity}")
+    if run.method == "transfer":
+        _check(prune.mask_from is not None, "method transfer needs --mask-from CKPT")
+    if run.method in ("gmp", "rigl"):
+        _check(prune.update_every >= 1, "update-every must be at least 1")
+        _check(0.0 <= prune.update_start < prune.update_end <= 1.0, "need 0 <= update-start < update-end <= 1")
+    _check(prune.synflow_rounds >= 1 and prune.score_batches >= 1, "synflow-rounds and score-batches must be >= 1")
+    return config.replace("prune", allocation=allocation)
