@@ -30,6 +30,8 @@ from .errors import IncompleteRunError, UserError
 
 CHECKPOINT_SCHEMA = 1
 METRICS_HEADER = ("cycle", "epoch", "step", "split", "metric", "value")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _LABEL = re.compile(r"^(init|rewind|cycle_\d{3}(_epoch_\d{3})?)$")
 
 
@@ -42,6 +44,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are meant to be shared
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -241,11 +244,11 @@ def read_metrics(run: RunDir) -> list[dict[str, Any]]:
         raise UserError(f"{run.metrics} is corrupt ({error}); it can be rebuilt only by re-running training") from None
 
 
-def truncate_metrics(run: RunDir, last_step: int) -> None:
-    """Drop rows written after `last_step` (an epoch that a crash interrupted before the
-    resume state recorded it); rewritten atomically."""
+def truncate_metrics(run: RunDir, through: tuple[int, int]) -> None:
+    """Keep only rows up to (cycle, epoch) `through`: rows of an epoch that a crash
+    interrupted before the resume state recorded it are dropped (rewritten atomically)."""
     rows = read_metrics(run)
-    kept = [r for r in rows if r["step"] <= last_step]
+    kept = [r for r in rows if (r["cycle"], r["epoch"]) <= through]
     if len(kept) == len(rows):
         return
     buffer = io.StringIO()

@@ -43,11 +43,11 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = "sgd"
-    lr: float = 0.1  # peak learning rate of every cycle
+    lr: float = 0.2  # peak learning rate of every cycle (the authors' triangular default)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
-    batch_size: int = 128
+    batch_size: int = 512
     eval_batch_size: int = 1024
     schedule: str = "triangular"  # triangular | step | cosine | constant
     warmup_fraction: float = 0.2  # of each cycle (triangular: the ramp; step/cosine: linear warm-up)
@@ -192,7 +192,8 @@ def resolve(config: Config) -> Config:
     _check(optim.batch_size >= 1 and optim.eval_batch_size >= 1, "batch sizes must be at least 1")
     _check(0.0 <= optim.warmup_fraction < 1.0, f"warmup-fraction must be in [0, 1), got {optim.warmup_fraction}")
     _check(run.save_every >= 0, "save-every must be >= 0")
-    allocation = prune.allocation or ("erk" if prune.pruner == "random" else "global")
+    # gmp prunes by magnitude as imp/lrr do (global); a random prune-at-init mask is ERK.
+    allocation = prune.allocation or ("erk" if prune.pruner == "random" and run.method != "gmp" else "global")
     _check(allocation in ALLOCATIONS, f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     if run.method == "dense":
         _check(prune.sparsity == 0.0, "method dense trains no mask; drop --sparsity or choose a pruning method")
@@ -200,16 +201,33 @@ def resolve(config: Config) -> Config:
         _check(prune.sparsity > 0.0, f"method {run.method} needs --sparsity > 0")
     if run.method in ("imp", "lrr"):
         _check(0.0 < prune.prune_fraction < 1.0, f"prune-fraction must be in (0, 1), got {prune.prune_fraction}")
+    if run.method == "imp":
         _check(0 <= prune.rewind_epoch <= run.epochs,
                f"rewind-epoch {prune.rewind_epoch} is beyond the cycle of {run.epochs} epochs; choose 0..{run.epochs}")
     if run.method == "sculpt":
         _check(0.0 < prune.initial_sparsity < 1.0, f"initial-sparsity must be in (0, 1), got {prune.initial_sparsity}")
         _check(prune.sparsity > prune.initial_sparsity,
                f"sparsity {prune.sparsity} must be higher than initial-sparsity {prune.initial_sparsity}")
+    sources = {"mask-from": prune.mask_from, "weights-from": prune.weights_from, "signs-from": prune.signs_from}
     if run.method == "transfer":
         _check(prune.mask_from is not None, "method transfer needs --mask-from CKPT")
+        _check(prune.sparsity == 0.0, "method transfer takes its sparsity from --mask-from; drop --sparsity")
+    else:
+        given = [f"--{flag}" for flag, value in sources.items() if value is not None]
+        _check(not given, f"{', '.join(given)} belong(s) to method transfer; add --method transfer or drop them")
     if run.method in ("gmp", "rigl"):
         _check(prune.update_every >= 1, "update-every must be at least 1")
         _check(0.0 <= prune.update_start < prune.update_end <= 1.0, "need 0 <= update-start < update-end <= 1")
+    if run.method == "rigl":
+        _check(0.0 < prune.rigl_fraction < 1.0, f"rigl-fraction must be in (0, 1), got {prune.rigl_fraction}")
     _check(prune.synflow_rounds >= 1 and prune.score_batches >= 1, "synflow-rounds and score-batches must be >= 1")
-    return config.replace("prune", allocation=allocation)
+    config = config.replace("prune", allocation=allocation)
+    if run.method == "transfer":
+        # Absolute source paths, so that --resume works from any directory.
+        config = config.replace("prune", mask_from=_absolute(prune.mask_from), weights_from=_absolute(prune.weights_from or "random"),
+                                signs_from=_absolute(prune.signs_from))
+    return config
+
+
+def _absolute(path: str | None) -> str | None:
+    return path if path in (None, "random") else str(Path(path).expanduser().absolute())

@@ -1,0 +1,345 @@
+"""Procedures: run a config's cycle plan through the training loop into a run directory.
+
+Time is the global step. Resuming, rewinding and branching are all "load weights, start at
+step k": the resume state (state.pt) is written at the start of every cycle, at the end of
+every epoch and on a requested stop, and the data order and LR depend only on
+(config, seed, step), so a resumed run equals an uninterrupted one bit for bit on CPU."""
+
+from __future__ import annotations
+
+import platform
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from . import __version__
+from .checkpoint import (RunDir, append_metrics, checkpoint_payload, load_checkpoint, read_config, read_meta,
+                         save_checkpoint, torch_load_safe, torch_save_atomic, truncate_metrics, update_meta,
+                         write_json_atomic)
+from .config import Config, resolve
+from .errors import SparseTrainingError, TrainingDiverged, UserError
+from .masks import MaskedStep, apply_mask_, collapsed_layers, ones_mask, sparsity, validate_mask
+from .plans import CyclePlan, MaskChange, plan_cycles
+from .schedules import learning_rate
+from .trainer import CycleSpan, Interrupted, Position, evaluate, make_optimizer, train_cycle
+
+STATE_SCHEMA = 1
+
+
+# ---------------------------------------------------------------- stopping on a signal
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT (a scheduler's pre-emption, Ctrl-C): the loop finishes its
+    current step, saves the resume state and stops."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+
+@contextmanager
+def stop_on_signals(flag: StopFlag) -> Iterator[StopFlag]:
+    def handler(signum: int, _frame: Any) -> None:
+        flag.signal_name = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------- the run
+
+class RunSession:
+    """One run being trained: owns the model, mask, optimizer and the run directory writes.
+    Implements the loop's callbacks."""
+
+    def __init__(self, run: RunDir, config: Config, data: Any, device: str, log: Callable[[str], None],
+                 stop: StopFlag | None = None):
+        from .models import build_model, model_config_for
+
+        self.run, self.data, self.device, self.log = run, data, device, log
+        self.stop = stop if stop is not None else StopFlag()
+        model_cfg = model_config_for(config.model.name, config.model.kwargs, data.num_classes, data.input_shape)
+        self.config = config.replace("model", kwargs=model_cfg.kwargs)
+        self.plans = plan_cycles(self.config)
+        self.spans = _spans(self.plans, data.steps_per_epoch(self.config.optim.batch_size))
+        torch.manual_seed(self.config.run.seed)
+        self.model = build_model(self.config.model, allow_import=True).to(device)
+        self.mask = ones_mask(self.model)
+        self.optimizer = make_optimizer(self.model, self.config.optim)
+        self.masked_step = MaskedStep(self.model, self.mask, self.optimizer)
+        self.metrics: dict[str, float] = {}
+        self.plan: CyclePlan = self.plans[0]
+
+    # -------------------------------------------------------- state
+
+    def save_state(self, position: Position, cycle_started: bool) -> None:
+        torch_save_atomic({
+            "schema_version": STATE_SCHEMA,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "masks": self.mask,
+            "position": asdict(position),
+            "cycle_started": cycle_started,
+            "metrics": self.metrics,
+            "torch_rng": torch.get_rng_state(),
+        }, self.run.state)
+
+    def load_state(self) -> tuple[Position, bool]:
+        state = torch_load_safe(self.run.state, "resume state")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.mask = {k: v.to(self.device) for k, v in state["masks"].items()}
+            validate_mask(self.mask, self.model)
+            self._new_optimizer()
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.masked_step = MaskedStep(self.model, self.mask, self.optimizer)
+            self.metrics = dict(state["metrics"])
+            torch.set_rng_state(state["torch_rng"])
+            position = Position(**state["position"])
+            return position, bool(state["cycle_started"])
+        except (KeyError, TypeError, RuntimeError, ValueError) as error:
+            raise UserError(f"{self.run.state} is damaged ({error}); delete it to restart the run from scratch") from None
+
+    def _new_optimizer(self) -> None:
+        self.optimizer = make_optimizer(self.model, self.config.optim)
+        self.masked_step = MaskedStep(self.model, self.mask, self.optimizer)
+
+    # -------------------------------------------------------- checkpoints and metrics
+
+    def save_checkpoint(self, label: str, position: Position, cycle: int | None, epoch: int | None) -> None:
+        save_checkpoint(self.run.checkpoint(label), checkpoint_payload(
+            model=self.model, masks=self.mask, model_config=self.config.model, data_config=self.config.data,
+            label=label, cycle=cycle, epoch=epoch, step=position.step, sparsity=sparsity(self.mask),
+            method=self.config.run.method, metrics=self.metrics, config=self.config.to_dict(),
+        ))
+
+    def evaluate_into_metrics(self, position: Position, lr: float) -> None:
+        batch = self.config.optim.eval_batch_size
+        rows = []
+        for split in ("train", "test"):
+            result = evaluate(self.model, self.data, split, batch, self.device)
+            for metric, value in result.items():
+                self.metrics[f"{split}_{metric}"] = value
+                rows.append((position.cycle, position.epoch, position.step, split, metric, repr(value)))
+        rows.append((position.cycle, position.epoch, position.step, "train", "lr", repr(lr)))
+        rows.append((position.cycle, position.epoch, position.step, "train", "sparsity", repr(sparsity(self.mask))))
+        append_metrics(self.run, rows)
+
+    # -------------------------------------------------------- cycle start
+
+    def start_cycle(self, plan: CyclePlan, span: CycleSpan, position: Position) -> None:
+        """Weight source, mask change, fresh optimizer, the epoch-0 evaluation."""
+        if plan.weights in ("rewind", "init"):
+            source = load_checkpoint(self.run.checkpoint(plan.weights))
+            self.model.load_state_dict({k: v.to(self.device) for k, v in source.state_dict.items()})
+        if plan.mask_change is not None:
+            self.mask = self.change_mask(plan.mask_change, plan.index)
+        apply_mask_(self.model, self.mask)
+        self._new_optimizer()
+        if plan.save_rewind_at == 0:
+            self.save_checkpoint("rewind", position, plan.index, 0)
+        self.evaluate_into_metrics(position, lr=learning_rate(0, span.steps, self.config.optim))
+        self.save_state(position, cycle_started=True)
+
+    def change_mask(self, change: MaskChange, cycle: int) -> dict[str, torch.Tensor]:
+        from .pruners import magnitude_prune, prune
+
+        prune_cfg, optim = self.config.prune, self.config.optim
+        started = time.perf_counter()
+        if change.criterion == "magnitude" and cycle > 0:
+            mask = magnitude_prune(self.model, self.mask, change.sparsity, change.allocation)
+        else:
+            mask = prune(
+                self.model, self.mask, criterion=change.criterion, allocation=change.allocation,
+                sparsity=change.sparsity, data=self.data, batch_size=optim.batch_size, batches=prune_cfg.score_batches,
+                seed=self.config.run.seed + 1000 * cycle, device=self.device, synflow_rounds=prune_cfg.synflow_rounds,
+                grasp_temperature=prune_cfg.grasp_temperature,
+            )
+        self.log(f"cycle {cycle}: {change.criterion} pruning ({change.allocation}) to sparsity {sparsity(mask):.4f} "
+                 f"in {time.perf_counter() - started:.1f}s")
+        collapsed = collapsed_layers(mask)
+        if collapsed:
+            warning = f"layer collapse at cycle {cycle}: {', '.join(collapsed)} keep no weights"
+            self.log(f"warning: {warning}")
+            meta = read_meta(self.run)
+            update_meta(self.run, warnings=meta.get("warnings", []) + [warning])
+        return mask
+
+    # -------------------------------------------------------- loop callbacks
+
+    def after_step(self, position: Position, loss: float) -> None:
+        pass
+
+    def end_of_epoch(self, position: Position, lr: float) -> None:
+        plan = self.plan
+        self.evaluate_into_metrics(position, lr)
+        last = position.epoch == plan.epochs
+        every = self.config.run.save_every
+        if plan.save_rewind_at == position.epoch:
+            self.save_checkpoint("rewind", position, plan.index, position.epoch)
+        if every and position.epoch % every == 0 and not last:
+            self.save_checkpoint(f"cycle_{plan.index:03d}_epoch_{position.epoch:03d}", position, plan.index, position.epoch)
+        if last:
+            self.save_checkpoint(f"cycle_{plan.index:03d}", position, plan.index, position.epoch)
+            self.save_state(Position(plan.index + 1, 0, 0, position.step), cycle_started=False)
+        else:
+            self.save_state(position, cycle_started=True)
+        m = self.metrics
+        self.log(f"cycle {plan.index} epoch {position.epoch}/{plan.epochs} step {position.step}: "
+                 f"train loss {m['train_loss']:.4f} acc {m['train_accuracy']:.4f} | "
+                 f"test loss {m['test_loss']:.4f} acc {m['test_accuracy']:.4f} | lr {lr:.4g} sparsity {sparsity(self.mask):.4f}")
+
+    def should_stop(self) -> bool:
+        return bool(self.stop)
+
+    def stopped(self, position: Position) -> None:
+        self.save_state(position, cycle_started=True)
+
+    # -------------------------------------------------------- driving the plan
+
+    def train(self, position: Position, cycle_started: bool, progress: Callable[[int], Any] | None = None) -> Position:
+        for plan, span in zip(self.plans, self.spans):
+            if plan.index < position.cycle:
+                continue
+            self.plan = plan
+            if not cycle_started:
+                self.start_cycle(plan, span, position)
+            position = train_cycle(
+                model=self.model, optimizer=self.optimizer, masked_step=self.masked_step, data=self.data,
+                optim=self.config.optim, span=span, start=position, seed=self.config.run.seed,
+                augment=self.config.data.augment, device=self.device, callbacks=self, progress=progress,
+            )
+            position = Position(plan.index + 1, 0, 0, position.step)
+            cycle_started = False
+        return position
+
+    @property
+    def total_steps(self) -> int:
+        return sum(span.steps for span in self.spans)
+
+
+def _spans(plans: list[CyclePlan], steps_per_epoch: int) -> list[CycleSpan]:
+    spans, step, epoch = [], 0, 0
+    for plan in plans:
+        spans.append(CycleSpan(plan.index, plan.epochs, steps_per_epoch, step, epoch))
+        step += plan.epochs * steps_per_epoch
+        epoch += plan.epochs
+    return spans
+
+
+# ---------------------------------------------------------------- entry point
+
+def _same_run(stored: Config, new: Config) -> bool:
+    """Same run: every setting but the device equal; the stored model kwargs were completed
+    from the data, so the new ones need only be a subset of them."""
+    a, b = stored.to_dict(), new.to_dict()
+    for raw in (a, b):
+        raw["run"].pop("device")
+    kwargs_a, kwargs_b = a["model"].pop("kwargs"), b["model"].pop("kwargs")
+    return a == b and all(kwargs_a.get(k) == v for k, v in kwargs_b.items())
+
+
+def _provenance(config: Config, command: str) -> dict[str, Any]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return {
+        "package_version": __version__, "torch_version": torch.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "git_sha": sha, "command": command, "device": config.run.device,
+        "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "warnings": [],
+    }
+
+
+def prepare(config: Config, out: str | Path, resume: bool) -> tuple[RunDir, Config, bool]:
+    """Decide what to do with `out` before anything is written. Returns (run, config, fresh)."""
+    run = RunDir(out)
+    if resume:
+        if not run.exists():
+            raise UserError(f"{run.path} holds no run to resume (no config.json); start one with `landscape train --out {run.path}`")
+        stored = read_config(run)
+        return run, stored.replace("run", device=config.run.device), False
+    config = resolve(config)
+    if run.exists():
+        stored = read_config(run)
+        if not _same_run(stored, config):
+            raise UserError(f"{run.path} already holds a different run; choose another --out, or --resume {run.path} to continue it")
+        return run, stored.replace("run", device=config.run.device), False
+    if run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
+        raise UserError(f"{run.path} exists and is not an empty directory or a run; choose another --out")
+    return run, config, True
+
+
+def train_run(config: Config, out: str | Path, *, resume: bool = False, command: str = "",
+              log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+              progress_factory: Callable[[int, int], Any] | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
+    """Train `config` into the run directory `out` (or continue it). Returns a summary dict.
+    Everything that can be checked is checked before the first file is written."""
+    from .data import load_data
+
+    run, config, fresh = prepare(config, out, resume)
+    if run.is_done():
+        return {"run": str(run.path), "status": "already complete", **_final_summary(run)}
+    data = load_data(config.data, config.run.device)
+    session = RunSession(run, config, data, config.run.device, log, stop)
+    if fresh:
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.config, session.config.to_dict())
+        write_json_atomic(run.meta, _provenance(session.config, command))
+        position, cycle_started = Position(0, 0, 0, 0), False
+        session.save_checkpoint("init", position, None, None)
+    elif run.state.exists():
+        position, cycle_started = session.load_state()
+        truncate_metrics(run, (position.cycle, position.epoch) if cycle_started else (position.cycle - 1, 10**9))
+        log(f"resuming {run.path} at cycle {position.cycle}, epoch {position.epoch}, step {position.step}")
+    else:  # killed between config.json and the first state: start over inside the same directory
+        position, cycle_started = Position(0, 0, 0, 0), False
+        truncate_metrics(run, (-1, -1))
+        session.save_checkpoint("init", position, None, None)
+    update_meta(run, status="running", device=config.run.device)
+    progress = progress_factory(session.total_steps, position.step) if progress_factory else None
+    try:
+        session.train(position, cycle_started, progress=progress.update if progress else None)
+    except Interrupted as stop:
+        update_meta(run, status="interrupted")
+        raise UserInterrupted(run, stop.position, session.stop.signal_name or "stop") from None
+    except TrainingDiverged:
+        update_meta(run, status="diverged")
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+    update_meta(run, status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    run.done.write_text("done\n")
+    return {"run": str(run.path), "status": "trained", **_final_summary(run)}
+
+
+class UserInterrupted(SparseTrainingError):
+    """Training stopped on a signal after saving its resume state. Exit code 1: the run is not done."""
+
+    def __init__(self, run: RunDir, position: Position, signal_name: str):
+        super().__init__(f"{signal_name}: stopped at cycle {position.cycle}, epoch {position.epoch}, step {position.step}; "
+                         f"resume state saved; continue with `landscape train --resume {run.path}`")
+
+
+def _final_summary(run: RunDir) -> dict[str, Any]:
+    labels = run.cycle_labels()
+    if not labels:
+        return {}
+    final = load_checkpoint(run.checkpoint(labels[-1]))
+    return {"cycles": len(labels), "final_checkpoint": str(run.checkpoint(labels[-1])), "sparsity": final.sparsity,
+            "step": final.step, **{k: final.metrics[k] for k in sorted(final.metrics)}}

@@ -1,0 +1,129 @@
+"""The one training loop. It does no file I/O: procedures drive it cycle by cycle and
+receive every epoch's end (and an interruption) through callbacks."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import OptimConfig
+from .errors import TrainingDiverged
+from .masks import MaskedStep
+from .schedules import learning_rate
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+                               nesterov=optim.nesterov and optim.momentum > 0)
+    if optim.optimizer == "adam":
+        return torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Any, split: str, batch_size: int, device: str | torch.device = "cpu",
+             indices: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean cross-entropy and accuracy over a split (or the `indices` subset), in eval mode.
+    The model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    for x, y in data.eval_batches(split, batch_size, indices=indices):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        correct += (logits.argmax(dim=1) == y).sum()
+        count += y.numel()
+    model.train(was_training)
+    return {"loss": float(loss_sum) / max(count, 1), "accuracy": float(correct) / max(count, 1)}
+
+
+@dataclass(frozen=True)
+class CycleSpan:
+    """Where a cycle sits on the global clock."""
+
+    index: int
+    epochs: int
+    steps_per_epoch: int
+    start_step: int  # global step of the cycle's first update
+    first_epoch: int  # global epoch index of the cycle's first epoch (seeds the data order)
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+@dataclass
+class Position:
+    """The loop's place: `epoch` epochs of the cycle done, plus `batch` batches of the next."""
+
+    cycle: int
+    epoch: int
+    batch: int
+    step: int
+
+
+class LoopCallbacks(Protocol):
+    def after_step(self, position: Position, loss: float) -> None: ...
+    def end_of_epoch(self, position: Position, lr: float) -> None: ...
+    def should_stop(self) -> bool: ...
+    def stopped(self, position: Position) -> None: ...
+
+
+class Interrupted(Exception):
+    """Raised after the callbacks saved the resume state because a stop was requested."""
+
+    def __init__(self, position: Position):
+        super().__init__(f"stopped at cycle {position.cycle}, epoch {position.epoch}, step {position.step}")
+        self.position = position
+
+
+def train_cycle(
+    *, model: nn.Module, optimizer: torch.optim.Optimizer, masked_step: Callable[[], None] | MaskedStep,
+    data: Any, optim: OptimConfig, span: CycleSpan, start: Position, seed: int, augment: bool,
+    device: str | torch.device, callbacks: LoopCallbacks, progress: Callable[[int], Any] | None = None,
+) -> Position:
+    """Train the cycle `span` from `start` to its end. Raises TrainingDiverged at the first
+    non-finite loss and Interrupted (after `callbacks.stopped`) when a stop is requested."""
+    position = Position(start.cycle, start.epoch, start.batch, start.step)
+    model.train()
+    for epoch in range(start.epoch, span.epochs):
+        batches = data.train_batches(optim.batch_size, seed, span.first_epoch + epoch, augment=augment)
+        for x, y in itertools.islice(batches, position.batch, None):
+            lr = learning_rate(position.step - span.start_step, span.steps, optim)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"training loss became {loss_value} at cycle {span.index}, epoch {epoch + 1}, step {position.step}; "
+                    "lower --lr or check the data"
+                )
+            loss.backward()
+            optimizer.step()
+            masked_step()
+            position.step += 1
+            position.batch += 1
+            callbacks.after_step(position, loss_value)
+            if progress is not None:
+                progress(1)
+            if callbacks.should_stop():
+                callbacks.stopped(position)
+                raise Interrupted(position)
+        position.epoch, position.batch = epoch + 1, 0
+        callbacks.end_of_epoch(position, learning_rate(position.step - 1 - span.start_step, span.steps, optim))
+        model.train()
+    return position
