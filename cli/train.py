@@ -30,10 +30,12 @@ TRAIN_OPTIONS = [
     ("--score-batches", "prune", "score_batches", int, "snip/grasp: training batches scored. [1]"),
     ("--synflow-rounds", "prune", "synflow_rounds", int, "synflow: pruning rounds. [100]"),
     ("--mask-from", "prune", "mask_from", str, "transfer: checkpoint whose mask is used."),
-    ("--weights-from", "prune", "weights_from", str, "transfer: checkpoint whose weights are used, or 'random'."),
-    ("--signs-from", "prune", "signs_from", str, "transfer: checkpoint whose signs are kept."),
+    ("--weights-from", "prune", "weights_from", str, "transfer: checkpoint whose weights are used, or 'random' (a fresh init). [random]"),
+    ("--signs-from", "prune", "signs_from", str, "transfer: checkpoint whose signs the prunable weights take."),
     ("--update-every", "prune", "update_every", int, "gmp/rigl: steps between mask updates. [100]"),
-    ("--rigl-fraction", "prune", "rigl_fraction", float, "rigl: initial drop/grow fraction. [0.3]"),
+    ("--update-start", "prune", "update_start", float, "gmp: fraction of training when pruning starts. [0]"),
+    ("--update-end", "prune", "update_end", float, "gmp/rigl: fraction of training after which the mask is fixed. [0.75]"),
+    ("--rigl-fraction", "prune", "rigl_fraction", float, "rigl: initial drop/grow fraction (cosine-decayed). [0.3]"),
     ("--optimizer", "optim", "optimizer", click.Choice(["sgd", "adam", "adamw"]), "[sgd]"),
     ("--lr", "optim", "lr", float, "Peak learning rate of every cycle. [0.2]"),
     ("--momentum", "optim", "momentum", float, "[0.9]"),
@@ -109,4 +111,9 @@ def _summary(result: dict) -> str:
         return f"{result['run']}: {result['status']}"
     return (f"{result['run']}: {result['status']}; {result['cycles']} cycle(s), sparsity {result['sparsity']:.4f}, "
             f"test accuracy {result['test_accuracy']:.4f}, test loss {result['test_loss']:.4f}\n"
+            f"training FLOPs: {_flops(result.get('training_flops'))}\n"
             f"final checkpoint: {result['final_checkpoint']}")
+
+
+def _flops(value: int | None) -> str:
+    return "not recorded" if value is None else f"{value:.4g} (multiply-adds of all training steps)"

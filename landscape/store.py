@@ -32,6 +32,15 @@ def describe(da: xr.DataArray, long_name: str, units: str, description: str) -> 
     return da
 
 
+def described(values: Any, dims: tuple[str, ...], long_name: str, units: str, description: str) -> xr.DataArray:
+    """A new described DataArray, marked `allow_nan` when it holds NaN (an undefined fraction,
+    a row a run does not have): write_dataset refuses unmarked non-finite values."""
+    da = describe(xr.DataArray(values, dims=dims), long_name, units, description)
+    if da.dtype.kind == "f" and not bool(np.isfinite(da.values).all()):
+        da.attrs["allow_nan"] = 1
+    return da
+
+
 def provenance(inputs: list[str | Path], settings: Mapping[str, Any], base: str | Path | None = None, analysis: str = "") -> dict[str, str]:
     """Global attrs: inputs (relative to `base`, usually the run), settings, version, command."""
     def rel(p: str | Path) -> str:
@@ -105,7 +114,9 @@ def read_dataset(path: str | Path) -> xr.Dataset:
         raise UserError(f"{path} does not exist or is not a file; pass a .nc dataset written by landscape")
     try:
         with xr.open_dataset(path, engine=ENGINE) as ds:
-            return ds.load()
+            # Without dropping the encoding, fixed-width string dtypes read from disk would
+            # silently truncate longer labels added before the next write.
+            return ds.load().drop_encoding()
     except Exception as error:  # noqa: BLE001 - h5py/xarray raise many types for bad bytes
         reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
         raise UserError(f"{path} is not a readable netCDF dataset ({reason})") from None

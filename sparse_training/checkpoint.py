@@ -82,9 +82,12 @@ def torch_load_safe(path: str | Path, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        text = str(error)
+        if "Unsupported global" in text or "Unsupported operand" in text:
             reason = "it contains objects other than tensors and plain Python values, refused for safety"
+        else:
+            lines = [line for line in text.strip().splitlines() if line.strip() and "weights_only" not in line]
+            reason = f"not a torch file: {lines[-1].strip() if lines else type(error).__name__}"
         raise UserError(f"{path} is not a readable {what} ({reason[:200]})") from None
 
 
@@ -279,6 +282,7 @@ class Checkpoint:
     metrics: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     plain: bool = False  # a user's plain state_dict rather than one of ours
+    model_from_user: bool = False  # the user typed --model: a module.path:factory may be imported
 
     @property
     def run(self) -> RunDir | None:
@@ -290,7 +294,7 @@ class Checkpoint:
 
         if self.model is None:
             raise UserError(f"{self.path} is a plain state_dict; say which model it is with --model NAME")
-        model = build_model(self.model)
+        model = build_model(self.model, allow_import=self.model_from_user)
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError as error:
@@ -345,6 +349,7 @@ def load_checkpoint(
         ckpt = _from_payload(path, raw)
         if model is not None:  # a user may override the recorded architecture kwargs, never silently
             ckpt.model = ModelConfig(model, dict(model_kwargs or ckpt.model.kwargs))
+            ckpt.model_from_user = True
         if data is not None:
             ckpt.data = DataConfig(name=data)
     else:
@@ -368,7 +373,7 @@ def _from_payload(path: Path, raw: dict[str, Any]) -> Checkpoint:
             raise TypeError("non-tensor entries")
     except (KeyError, TypeError, ValueError) as error:
         raise UserError(f"{path} is a damaged checkpoint ({error})") from None
-    masks = _complete_masks(path, state_dict, masks, model_cfg)
+    masks = _complete_masks(path, state_dict, masks, model_cfg, allow_import=False)
     return Checkpoint(
         path=path, state_dict=state_dict, masks=masks, model=model_cfg, data=data_cfg,
         label=str(raw.get("label") or path.stem), cycle=raw.get("cycle"), epoch=raw.get("epoch"),
@@ -377,14 +382,17 @@ def _from_payload(path: Path, raw: dict[str, Any]) -> Checkpoint:
     )
 
 
-def _complete_masks(path: Path, state_dict, masks, model_cfg: ModelConfig | None) -> dict[str, torch.Tensor]:
-    """Dense layers have no stored mask entry: fill in all-True for every prunable weight."""
+def _complete_masks(path: Path, state_dict, masks, model_cfg: ModelConfig | None, allow_import: bool) -> dict[str, torch.Tensor]:
+    """Dense layers have no stored mask entry: fill in all-True for every prunable weight.
+    A user model named in the file is not imported: its stored masks are taken as they are."""
     if model_cfg is None:
         return masks
+    if ":" in model_cfg.name and not model_cfg.name.startswith("tv:") and not allow_import:
+        return {name: m.bool() for name, m in masks.items()}
     from .masks import prunable_parameters
     from .models import build_model
 
-    names = prunable_parameters(build_model(model_cfg)).keys()
+    names = prunable_parameters(build_model(model_cfg, allow_import=allow_import)).keys()
     full = {}
     for name in names:
         if name in masks:
@@ -407,7 +415,7 @@ def _from_state_dict(path: Path, raw: dict[str, Any], model: str | None, model_k
     from .masks import mask_from_weights, prunable_parameters
     from .models import build_model
 
-    names = list(prunable_parameters(build_model(model_cfg)))
+    names = list(prunable_parameters(build_model(model_cfg, allow_import=True)))
     missing = [n for n in names if n not in raw]
     if missing:
         raise UserError(f"{path} does not fit model {model!r}: no {missing[0]!r}; check --model/--model-kwargs")
@@ -417,6 +425,7 @@ def _from_state_dict(path: Path, raw: dict[str, Any], model: str | None, model_k
     return Checkpoint(
         path=path, state_dict=dict(raw), masks=masks, model=model_cfg,
         data=DataConfig(name=data) if data else None, label=path.stem, sparsity=mask_sparsity(masks), plain=True,
+        model_from_user=True,
     )
 
 

@@ -224,8 +224,8 @@ def resolve(config: Config) -> Config:
     config = config.replace("prune", allocation=allocation)
     if run.method == "transfer":
         # Absolute source paths, so that --resume works from any directory.
-        config = config.replace("prune", mask_from=_absolute(prune.mask_from), weights_from=_absolute(prune.weights_from or "random"),
-                                signs_from=_absolute(prune.signs_from))
+        config = config.replace("prune", mask_from=_absolute(prune.mask_from), signs_from=_absolute(prune.signs_from),
+                                weights_from=_absolute(prune.weights_from or "random"))
     return config
 
 

@@ -24,7 +24,10 @@ from .checkpoint import (RunDir, append_metrics, checkpoint_payload, load_checkp
                          save_checkpoint, torch_load_safe, torch_save_atomic, truncate_metrics, update_meta,
                          write_json_atomic)
 from .config import Config, resolve
+from .data.base import batch_bounds
+from .dynamic import mask_schedule
 from .errors import SparseTrainingError, TrainingDiverged, UserError
+from .flops import CONVENTION as FLOPS_CONVENTION, FlopCounter, layer_costs
 from .masks import MaskedStep, apply_mask_, collapsed_layers, ones_mask, sparsity, validate_mask
 from .plans import CyclePlan, MaskChange, plan_cycles
 from .schedules import learning_rate
@@ -82,6 +85,20 @@ class RunSession:
         self.masked_step = MaskedStep(self.model, self.mask, self.optimizer)
         self.metrics: dict[str, float] = {}
         self.plan: CyclePlan = self.plans[0]
+        self.flops = FlopCounter(layer_costs(self.model, data.input_shape, device))
+        self.batch_sizes = [stop - start for start, stop in
+                            batch_bounds(data.num_samples("train"), self.config.optim.batch_size)]
+        # gmp/rigl: one cycle whose mask moves in after_step.
+        self.mask_schedule = mask_schedule(self.config.run.method, self.config.prune, self.spans[0].steps)
+        self.transfer_mask: dict[str, torch.Tensor] | None = None
+
+    def initialise(self) -> None:
+        """Set the weights of step 0 (init.pt) when the method takes them from elsewhere
+        (transfer); every source is loaded and checked here, before the run writes anything."""
+        if self.config.run.method == "transfer":
+            from .transfer import initialise
+
+            self.transfer_mask = initialise(self.model, self.config.prune, self.config.model, self.config.run.seed)
 
     # -------------------------------------------------------- state
 
@@ -94,6 +111,7 @@ class RunSession:
             "position": asdict(position),
             "cycle_started": cycle_started,
             "metrics": self.metrics,
+            "flops": self.flops.total,
             "torch_rng": torch.get_rng_state(),
         }, self.run.state)
 
@@ -107,6 +125,8 @@ class RunSession:
             self.optimizer.load_state_dict(state["optimizer"])
             self.masked_step = MaskedStep(self.model, self.mask, self.optimizer)
             self.metrics = dict(state["metrics"])
+            self.flops.total = int(state["flops"])
+            self.flops.set_mask(self.mask)
             torch.set_rng_state(state["torch_rng"])
             position = Position(**state["position"])
             return position, bool(state["cycle_started"])
@@ -136,18 +156,21 @@ class RunSession:
                 rows.append((position.cycle, position.epoch, position.step, split, metric, repr(value)))
         rows.append((position.cycle, position.epoch, position.step, "train", "lr", repr(lr)))
         rows.append((position.cycle, position.epoch, position.step, "train", "sparsity", repr(sparsity(self.mask))))
+        rows.append((position.cycle, position.epoch, position.step, "train", "flops", repr(self.flops.total)))
         append_metrics(self.run, rows)
 
     # -------------------------------------------------------- cycle start
 
     def start_cycle(self, plan: CyclePlan, span: CycleSpan, position: Position) -> None:
-        """Weight source, mask change, fresh optimizer, the epoch-0 evaluation."""
+        """Mask change, weight source, fresh optimizer, the epoch-0 evaluation. The mask
+        changes first: IMP prunes by the magnitudes its previous cycle trained, then rewinds."""
+        if plan.mask_change is not None:
+            self.mask = self.change_mask(plan.mask_change, plan.index)
         if plan.weights in ("rewind", "init"):
             source = load_checkpoint(self.run.checkpoint(plan.weights))
             self.model.load_state_dict({k: v.to(self.device) for k, v in source.state_dict.items()})
-        if plan.mask_change is not None:
-            self.mask = self.change_mask(plan.mask_change, plan.index)
         apply_mask_(self.model, self.mask)
+        self.flops.set_mask(self.mask)
         self._new_optimizer()
         if plan.save_rewind_at == 0:
             self.save_checkpoint("rewind", position, plan.index, 0)
@@ -159,7 +182,11 @@ class RunSession:
 
         prune_cfg, optim = self.config.prune, self.config.optim
         started = time.perf_counter()
-        if change.criterion == "magnitude" and cycle > 0:
+        if change.criterion == "transfer":
+            from .transfer import transferred_mask
+
+            mask = self.transfer_mask or transferred_mask(prune_cfg, self.model, self.config.model)
+        elif change.criterion == "magnitude" and cycle > 0:
             mask = magnitude_prune(self.model, self.mask, change.sparsity, change.allocation)
         else:
             mask = prune(
@@ -168,8 +195,9 @@ class RunSession:
                 seed=self.config.run.seed + 1000 * cycle, device=self.device, synflow_rounds=prune_cfg.synflow_rounds,
                 grasp_temperature=prune_cfg.grasp_temperature,
             )
-        self.log(f"cycle {cycle}: {change.criterion} pruning ({change.allocation}) to sparsity {sparsity(mask):.4f} "
-                 f"in {time.perf_counter() - started:.1f}s")
+        how = f"mask of {prune_cfg.mask_from}" if change.criterion == "transfer" else \
+            f"{change.criterion} pruning ({change.allocation})"
+        self.log(f"cycle {cycle}: {how} to sparsity {sparsity(mask):.4f} in {time.perf_counter() - started:.1f}s")
         collapsed = collapsed_layers(mask)
         if collapsed:
             warning = f"layer collapse at cycle {cycle}: {', '.join(collapsed)} keep no weights"
@@ -181,7 +209,16 @@ class RunSession:
     # -------------------------------------------------------- loop callbacks
 
     def after_step(self, position: Position, loss: float) -> None:
-        pass
+        """Count the step's FLOPs; gmp/rigl: change the mask at their update steps (RigL's
+        update uses this step's dense gradient, so the step's weight gradient counts dense)."""
+        t = position.step - self.spans[self.plan.index].start_step
+        update = self.mask_schedule is not None and self.mask_schedule.is_update_step(t)
+        self.flops.add_step(self.batch_sizes[position.batch - 1],
+                            dense_gradient=update and self.mask_schedule.needs_dense_gradient)
+        if update:
+            self.mask = self.mask_schedule.update(self.model, self.mask, self.optimizer, t)
+            self.masked_step = MaskedStep(self.model, self.mask, self.optimizer)
+            self.flops.set_mask(self.mask)
 
     def end_of_epoch(self, position: Position, lr: float) -> None:
         plan = self.plan
@@ -218,7 +255,8 @@ class RunSession:
             if not cycle_started:
                 self.start_cycle(plan, span, position)
             position = train_cycle(
-                model=self.model, optimizer=self.optimizer, masked_step=self.masked_step, data=self.data,
+                # The loop calls the current masked step: gmp/rigl replace it when the mask moves.
+                model=self.model, optimizer=self.optimizer, masked_step=lambda: self.masked_step(), data=self.data,
                 optim=self.config.optim, span=span, start=position, seed=self.config.run.seed,
                 augment=self.config.data.augment, device=self.device, callbacks=self, progress=progress,
             )
@@ -297,6 +335,7 @@ def train_run(config: Config, out: str | Path, *, resume: bool = False, command:
     data = load_data(config.data, config.run.device)
     session = RunSession(run, config, data, config.run.device, log, stop)
     if fresh:
+        session.initialise()
         run.path.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run.config, session.config.to_dict())
         write_json_atomic(run.meta, _provenance(session.config, command))
@@ -309,6 +348,7 @@ def train_run(config: Config, out: str | Path, *, resume: bool = False, command:
     else:  # killed between config.json and the first state: start over inside the same directory
         position, cycle_started = Position(0, 0, 0, 0), False
         truncate_metrics(run, (-1, -1))
+        session.initialise()
         session.save_checkpoint("init", position, None, None)
     update_meta(run, status="running", device=config.run.device)
     progress = progress_factory(session.total_steps, position.step) if progress_factory else None
@@ -323,7 +363,8 @@ def train_run(config: Config, out: str | Path, *, resume: bool = False, command:
     finally:
         if progress is not None:
             progress.close()
-    update_meta(run, status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    update_meta(run, status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), training_flops=session.flops.total,
+                training_flops_note=FLOPS_CONVENTION)
     run.done.write_text("done\n")
     return {"run": str(run.path), "status": "trained", **_final_summary(run)}
 
@@ -342,4 +383,5 @@ def _final_summary(run: RunDir) -> dict[str, Any]:
         return {}
     final = load_checkpoint(run.checkpoint(labels[-1]))
     return {"cycles": len(labels), "final_checkpoint": str(run.checkpoint(labels[-1])), "sparsity": final.sparsity,
-            "step": final.step, **{k: final.metrics[k] for k in sorted(final.metrics)}}
+            "step": final.step, "training_flops": read_meta(run).get("training_flops"),
+            **{k: final.metrics[k] for k in sorted(final.metrics)}}
