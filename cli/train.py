@@ -20,6 +20,7 @@ TRAIN_OPTIONS = [
     ("--data", "data", "name", str, "mnist1d, cifar10, cifar100, mnist, fashion-mnist, imagefolder:PATH, npz:PATH, synthetic. [mnist1d]"),
     ("--data-dir", "data", "data_dir", str, "Where torchvision data sets (and the mnist1d cache) live."),
     ("--download/--no-download", "data", "download", bool, "Let torchvision download the data set into --data-dir. [no]"),
+    ("--data-seed", "data", "seed", int, "Generation seed of mnist1d / synthetic data. [42]"),
     ("--augment/--no-augment", "data", "augment", bool, "Standard training augmentation (CIFAR: crop + flip). [yes]"),
     ("--pruner", "prune", "pruner", str, "Prune-at-init criterion: random, magnitude, snip, synflow, grasp. [random]"),
     ("--allocation", "prune", "allocation", str, "global, uniform, erk, er-balanced. [global; erk for random]"),

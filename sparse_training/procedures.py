@@ -74,7 +74,9 @@ class RunSession:
 
         self.run, self.data, self.device, self.log = run, data, device, log
         self.stop = stop if stop is not None else StopFlag()
-        model_cfg = model_config_for(config.model.name, config.model.kwargs, data.num_classes, data.input_shape)
+        # The config was typed (or written) by the user: a module.path:factory may be imported.
+        model_cfg = model_config_for(config.model.name, config.model.kwargs, data.num_classes, data.input_shape,
+                                     allow_import=True)
         self.config = config.replace("model", kwargs=model_cfg.kwargs)
         self.plans = plan_cycles(self.config)
         self.spans = _spans(self.plans, data.steps_per_epoch(self.config.optim.batch_size))

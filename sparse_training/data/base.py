@@ -22,7 +22,10 @@ STREAM_ORDER, STREAM_SUBSET = 0, 1
 def seeded_generator(*entropy: int) -> torch.Generator:
     """A CPU generator whose state is a well-mixed function of the integers given
     (numpy SeedSequence), so (seed, epoch) and (seed, epoch + 1) are unrelated streams."""
-    words = [int(e) % 2**64 for e in entropy]
+    values = [int(e) % 2**64 for e in entropy]
+    # The count, then two 32-bit words per integer: different tuples never share an encoding
+    # (SeedSequence pads short entropy with zeros, so (s,) and (s, 0) would otherwise collide).
+    words = np.array([len(values)] + [half for v in values for half in (v & 0xFFFFFFFF, v >> 32)], dtype=np.uint32)
     state = np.random.SeedSequence(words).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
