@@ -20,7 +20,6 @@ COMMANDS = {
     "metrics": ("cli.signs", "metrics", "Runs' metrics.csv as one dataset."),
     "plot": ("cli.plot", "plot", "Figures from analysis datasets."),
     "demo": ("cli.demo", "demo", "A small study on MNIST-1D, analyses and figures included."),
-    "bench": ("cli.bench", "bench", "Side-by-side benchmarks (training step, Hessian, barrier)."),
 }
 
 
