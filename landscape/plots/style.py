@@ -1,0 +1,269 @@
+"""The one figure style: a seaborn theme, a fixed colour and marker per method, axis labels
+from `long_name`/`units`, titles from what the datasets say was run, legends outside the axes.
+
+Imports neither torch nor sparse_training, so figures can be redrawn from .nc files anywhere."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import matplotlib
+import numpy as np
+import seaborn as sns
+import xarray as xr
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import EngFormatter, FuncFormatter
+
+FORMATS = ("png", "pdf", "svg")
+DPI = 200
+
+# Colour-blind-safe hues, and a marker per method so lines stay apart in greyscale. IMP and
+# LRR, the pair most often compared, get hues far apart (orange vs reddish purple).
+METHOD_STYLE = {
+    "dense": ("#222222", "h"),
+    "pai": ("#56b4e9", "v"),
+    "pai-cyclic": ("#0173b2", "^"),
+    "imp": ("#de8f05", "s"),
+    "lrr": ("#cc78bc", "D"),
+    "sculpt": ("#029e73", "o"),
+    "transfer": ("#ca9161", "P"),
+    "gmp": ("#949494", "X"),
+    "rigl": ("#d55e00", "*"),
+}
+UNKNOWN_STYLE = ("#7f7f7f", ".")
+DENSE = "dense"
+
+_RC = {
+    **sns.axes_style("whitegrid"),
+    **sns.plotting_context("paper", font_scale=1.15),
+    "axes.edgecolor": "0.3",
+    "grid.color": "0.9",
+    "legend.frameon": False,
+    "figure.dpi": 100,
+    "savefig.bbox": "tight",
+    "lines.linewidth": 1.6,
+    "lines.markersize": 5,
+}
+
+
+class PlotInputError(ValueError):
+    """A dataset that cannot be drawn (missing variables, nothing to plot); one line."""
+
+
+def styled(func: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Draw under the project style without touching the caller's global rcParams."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Figure:
+        with matplotlib.rc_context(_RC):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+def new_figure(width: float, height: float) -> Figure:
+    # Figure() rather than pyplot: no GUI backend chosen, nothing registered, nothing to close.
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def save_figure(fig: Figure, path: str | Path, fmt: str | None = None) -> Path:
+    """Write `fig` to `path` (format from `fmt` or the suffix), creating the folder."""
+    path = Path(path)
+    fmt = fmt or path.suffix.lstrip(".") or "png"
+    if fmt not in FORMATS:
+        raise PlotInputError(f"unknown figure format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Legends taken out of the layout (see legend_outside) must still count for the crop;
+    # the list given replaces the default one, so that one goes in too.
+    legends = [ax.get_legend() for ax in fig.get_axes() if ax.get_legend() is not None]
+    with matplotlib.rc_context(_RC):
+        fig.savefig(path, format=fmt, dpi=DPI, bbox_extra_artists=fig.get_default_bbox_extra_artists() + legends)
+    return path
+
+
+# ---------------------------------------------------------------- checking inputs
+
+def as_list(datasets: xr.Dataset | Sequence[xr.Dataset]) -> list[xr.Dataset]:
+    items = [datasets] if isinstance(datasets, xr.Dataset) else list(datasets)
+    if not items:
+        raise PlotInputError("no dataset to plot")
+    return items
+
+
+def by_method(datasets: list[xr.Dataset]) -> list[xr.Dataset]:
+    """Runs in the fixed method order (dense first), so legends read alike in every figure."""
+    return sorted(datasets, key=lambda ds: method_order(method_of(ds)))
+
+
+def require(ds: xr.Dataset, names: Iterable[str], kind: str) -> None:
+    """Every name must be a variable or coordinate of `ds`; one line naming what is missing."""
+    missing = [name for name in names if name not in ds.variables]
+    if missing:
+        source = ds.attrs.get("source_path") or "the dataset"
+        raise PlotInputError(
+            f"{source} lacks {', '.join(missing)} needed for the {kind} figure; "
+            f"pass a {kind}.nc written by `landscape {kind}`"
+        )
+
+
+# ---------------------------------------------------------------- what was run
+
+def method_style(method: str) -> tuple[str, str]:
+    return METHOD_STYLE.get(method, UNKNOWN_STYLE)
+
+
+def method_order(method: str) -> int:
+    names = list(METHOD_STYLE)
+    return names.index(method) if method in names else len(names)
+
+
+def scalar(ds: xr.Dataset, name: str, default: Any = "") -> Any:
+    """A scalar coord or attr (coords first: what code relies on lives there)."""
+    if name in ds.coords and ds.coords[name].ndim == 0:
+        return ds.coords[name].item()
+    return ds.attrs.get(name, default)
+
+
+def method_of(ds: xr.Dataset) -> str:
+    return str(scalar(ds, "method") or "")
+
+
+def sparsity_of(ds: xr.Dataset) -> float | None:
+    """The run's target sparsity (attr set from its config), else the largest recorded."""
+    value = ds.attrs.get("target_sparsity")
+    if value is not None and value != "":
+        return float(value)
+    if "sparsity" in ds.coords and ds.coords["sparsity"].size:
+        values = np.asarray(ds.coords["sparsity"].values, dtype=float)
+        if np.isfinite(values).any():
+            return float(np.nanmax(values))
+    return None
+
+
+def percent(value: float, digits: int = 1) -> str:
+    return f"{100 * value:.{digits}f} %"
+
+
+def sparsity_text(value: float) -> str:
+    """0.9 -> '90 %', 0.968 -> '96.8 %': as many digits as the value has, up to two."""
+    return f"{round(100 * value, 2):g} %"
+
+
+def run_label(ds: xr.Dataset, with_run: bool = False) -> str:
+    """'pai-cyclic, 90 % sparse' (the run name added where two inputs would read alike)."""
+    method = method_of(ds) or str(scalar(ds, "run")) or "run"
+    sparsity = sparsity_of(ds)
+    label = method if method == DENSE or not sparsity else f"{method}, {sparsity_text(sparsity)} sparse"
+    run = str(scalar(ds, "run"))
+    return f"{label} ({run})" if with_run and run else label
+
+
+def run_labels(datasets: Sequence[xr.Dataset]) -> list[str]:
+    plain = [run_label(ds) for ds in datasets]
+    return [run_label(ds, with_run=plain.count(p) > 1) for ds, p in zip(datasets, plain)]
+
+
+def set_title(fig: Figure, what: str, datasets: Sequence[xr.Dataset], extra: str = "") -> None:
+    """'<what>: <model> on <data>; <method, sparsity>; <extra>' from what the datasets record,
+    wrapped to the figure's width."""
+    models = sorted({str(ds.attrs.get("model", "")) for ds in datasets} - {""})
+    data = sorted({str(ds.attrs.get("data", "")) for ds in datasets} - {""})
+    parts = []
+    if models or data:
+        parts.append(" on ".join(filter(None, [", ".join(models), ", ".join(data)])))
+    if len(datasets) == 1 and method_of(datasets[0]):
+        parts.append(run_label(datasets[0]))
+    if extra:
+        parts.append(extra)
+    characters = int(fig.get_figwidth() * 10)  # about what fits at the title's font size
+    lines = [f"{what}:" if parts else what]
+    for part in parts:  # break between parts, never inside "90 % sparse"
+        joined = f"{lines[-1]} {part}" if lines[-1].endswith(":") else f"{lines[-1]}; {part}"
+        lines[-1:] = [joined] if len(joined) <= characters else [lines[-1] + ("" if lines[-1].endswith(":") else ";"), part]
+    fig.suptitle("\n".join(lines))
+
+
+# ---------------------------------------------------------------- axes
+
+def axis_label(da: xr.DataArray, as_percent: bool = False, fallback: str = "") -> str:
+    """'long_name (units)'; dimensionless units ('1') are left out, fractions shown in %."""
+    name = str(da.attrs.get("long_name") or fallback or da.name or "")
+    units = "%" if as_percent else str(da.attrs.get("units", ""))
+    redundant = units in ("", "1") or units.lower() in name.lower()  # "training FLOPs (FLOPs)"
+    return name if redundant else f"{name} ({units})"
+
+
+def plain_log_axis(ax: Axes, axis: str = "y", engineering: bool = False) -> None:
+    """A log axis labelled 0.1, 0.2, 0.5 (or 2 G, 5 G) rather than powers of ten: decades,
+    and between them only the 2s, 3s and 5s so the labels never crowd."""
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    plain = EngFormatter(sep=" ") if engineering else FuncFormatter(lambda value, _: f"{value:g}")
+
+    def minor(value: float, position: int) -> str:
+        mantissa = round(value / 10 ** np.floor(np.log10(value)), 6) if value > 0 else 0
+        return plain(value, position) if mantissa in (2, 3, 5) else ""
+
+    target.set_major_formatter(plain)
+    target.set_minor_formatter(FuncFormatter(minor))
+    target.set_tick_params(which="both", length=3, pad=3)  # minor labels level with major ones
+
+
+def scaled(values: Any, as_percent: bool) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    return 100 * values if as_percent else values
+
+
+def legend_outside(ax: Axes, handles: list, labels: list[str], title: str | None = None,
+                   headers: Sequence[int] = ()) -> None:
+    """The figure's one legend, right of `ax` (the top-right axes), so it never covers data
+    and stays below the title; entries at `headers` are bold group names."""
+    if not handles:
+        return
+    legend = ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.03, 1.0), borderaxespad=0.0,
+                       title=title, alignment="left")
+    for index in headers:
+        legend.get_texts()[index].set_fontweight("bold")
+    _keep_rows_when_taller(ax, legend)
+
+
+def _keep_rows_when_taller(ax: Axes, legend) -> None:
+    """A legend taller than its axes would stretch that row of the layout: take it out of the
+    layout and widen the figure by its width instead, so the axes keep their size."""
+    fig = ax.get_figure(root=True)
+    fig.draw_without_rendering()
+    if legend.get_window_extent().height <= ax.get_window_extent().height:
+        return
+    legend.set_in_layout(False)
+    share = (legend.get_window_extent().width + 0.3 * fig.dpi) / fig.bbox.width
+    fig.set_figwidth(fig.get_figwidth() / (1 - share))
+    fig.get_layout_engine().set(rect=(0, 0, 1 - share, 1))
+
+
+def header_handle() -> Line2D:
+    """An invisible legend handle, for a group name written in the legend."""
+    return Line2D([], [], linestyle="none")
+
+
+def mark_unit_interval(ax: Axes, axis: str = "x") -> None:
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(-0.02, 1.02)
+
+
+def short_checkpoint(label: str) -> str:
+    """'cycle_003' -> 'c3', 'cycle_003_epoch_010' -> 'c3e10', 'runA/cycle_001' -> 'runA/c1';
+    init, rewind and other names stay."""
+    run, _, stem = label.rpartition("/")
+    parts = stem.split("_")
+    if parts[0] != "cycle" or not all(p.isdigit() for p in parts[1::2]) or len(parts) not in (2, 4):
+        return label
+    text = f"c{int(parts[1])}" + (f"e{int(parts[3])}" if len(parts) == 4 else "")
+    return f"{run}/{text}" if run else text
+
+
+def checkpoint_order(label: str) -> tuple[int, str]:
+    """init, rewind, then cycles in order: the order training wrote them."""
+    return {"init": (0, ""), "rewind": (1, "")}.get(label, (2, label))
