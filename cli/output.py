@@ -102,6 +102,10 @@ def resolve_device(name: str | None) -> str:
         raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device {name!r} asked for but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):  # meta, mps, xla, ...: not supported by the engine
+        raise UserError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
     return str(device)
 
 

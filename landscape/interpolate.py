@@ -39,6 +39,8 @@ BN_MODES = ("recompute", "interpolate")
 BN_ALIASES = {"none": "interpolate"}
 SPLITS = ("train", "test")
 DEFAULT_EVAL_BATCH_SIZE = 1024
+MAX_POINTS = 10_001  # more is a typo, not a finer path (the grid would not fit in memory long before)
+MAX_COUNT = 2**31 - 1  # batch sizes and counts beyond this overflow torch's index types
 
 
 @dataclass(frozen=True)
@@ -64,17 +66,16 @@ class PathSettings:
 
 def validated(settings: PathSettings) -> PathSettings:
     """`settings`, or a one-line UserError naming the bad value."""
-    if settings.points < 2:
-        raise UserError(f"--points must be at least 2 (the two endpoints), got {settings.points}")
+    if not 2 <= settings.points <= MAX_POINTS:
+        raise UserError(f"--points must be at least 2 (the two endpoints) and at most {MAX_POINTS}, got {settings.points}")
     if settings.bn not in BN_MODES:
         raise UserError(f"unknown --bn mode {settings.bn!r}; choose recompute, interpolate or none")
     if not settings.splits:
         raise UserError("--split needs at least one of train, test")
-    for name in ("bn_batches", "batch_size"):
-        if getattr(settings, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
-    if settings.samples is not None and settings.samples < 1:
-        raise UserError(f"--samples must be at least 1, got {settings.samples}")
+    for name in ("bn_batches", "batch_size", "samples"):
+        value = getattr(settings, name)
+        if value is not None and not 1 <= value <= MAX_COUNT:
+            raise UserError(f"--{name.replace('_', '-')} must be 1 to {MAX_COUNT}, got {value}")
     return settings
 
 

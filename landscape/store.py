@@ -3,13 +3,18 @@ atomically (temporary file + rename), attrs sanitised, every variable described.
 
 Conventions: dims are singular snake_case; coordinates are always stored; every data
 variable has `long_name`, `units` ("1" when dimensionless) and `description`; global attrs
-carry provenance (inputs, settings as a JSON string, package version, command)."""
+carry provenance (inputs, settings as a JSON string, package version, command).
+
+Every file written here ends with a SHA-256 footer of the bytes before it. HDF5 ignores bytes
+after its end of file; the reader checks the footer before HDF5 parses anything, because the
+HDF5 library can loop forever on a flipped byte (found by tests/test_reliability_inputs.py).
+A file without the footer (written by other tools) is read as it is."""
 
 from __future__ import annotations
 
-import fcntl
+import gc
+import hashlib
 import json
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,10 +24,12 @@ import numpy as np
 import xarray as xr
 
 from sparse_training import __version__
-from sparse_training.checkpoint import atomic_path
+from sparse_training.checkpoint import atomic_path, exclusive_lock
 from sparse_training.errors import UserError
 
 ENGINE = "h5netcdf"
+CHECKSUM_TAG = b"\n# landscape sha256 "  # + 64 hex digits + newline, after the HDF5 bytes
+CHECKSUM_FOOTER = len(CHECKSUM_TAG) + 64 + 1
 REQUIRED_VAR_ATTRS = ("long_name", "units", "description")
 
 
@@ -98,12 +105,22 @@ def write_dataset(ds: xr.Dataset, path: str | Path) -> Path:
     for name, var in ds.data_vars.items():
         if var.dtype.kind == "f" and not bool(np.isfinite(var.values).all()) and not var.attrs.get("allow_nan"):
             raise ValueError(f"variable {name!r} holds non-finite values")
-    try:
-        with atomic_path(path) as tmp:
-            ds.to_netcdf(tmp, engine=ENGINE)
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}; previous results are untouched") from None
+    with atomic_path(path) as tmp:  # a failing write is one error that names `path`; the old file stays
+        ds.to_netcdf(tmp, engine=ENGINE)
+        content = tmp.read_bytes()
+        with open(tmp, "ab") as handle:
+            handle.write(CHECKSUM_TAG + hashlib.sha256(content).hexdigest().encode() + b"\n")
     return path
+
+
+def check_footer(path: Path) -> None:
+    """A UserError if `path` ends with our checksum footer and its bytes do not match it."""
+    data = path.read_bytes()
+    footer = data[-CHECKSUM_FOOTER:]
+    if len(data) > CHECKSUM_FOOTER and footer.startswith(CHECKSUM_TAG) and footer.endswith(b"\n"):
+        if hashlib.sha256(data[:-CHECKSUM_FOOTER]).hexdigest().encode() != footer[len(CHECKSUM_TAG):-1]:
+            raise UserError(f"{path} is corrupt (its bytes do not match the checksum written with it); "
+                            "recompute it (--overwrite) or restore it from a copy")
 
 
 def read_dataset(path: str | Path) -> xr.Dataset:
@@ -112,14 +129,23 @@ def read_dataset(path: str | Path) -> xr.Dataset:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist or is not a file; pass a .nc dataset written by landscape")
+    check_footer(path)
+    hook = sys.unraisablehook
+    # On some bad bytes h5netcdf's File fails in __init__ and then again in __del__, which
+    # Python would print as "Exception ignored ... Traceback": that object dies quietly here.
+    sys.unraisablehook = lambda unraisable: None
     try:
-        with xr.open_dataset(path, engine=ENGINE) as ds:
-            # Without dropping the encoding, fixed-width string dtypes read from disk would
-            # silently truncate longer labels added before the next write.
-            return ds.load().drop_encoding()
-    except Exception as error:  # noqa: BLE001 - h5py/xarray raise many types for bad bytes
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-        raise UserError(f"{path} is not a readable netCDF dataset ({reason})") from None
+        try:
+            with xr.open_dataset(path, engine=ENGINE) as ds:
+                # Without dropping the encoding, fixed-width string dtypes read from disk would
+                # silently truncate longer labels added before the next write.
+                return ds.load().drop_encoding()
+        except Exception as error:  # noqa: BLE001 - h5py/xarray raise many types for bad bytes
+            reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    raise UserError(f"{path} is not a readable netCDF dataset ({reason})")
 
 
 def settings_of(ds: xr.Dataset) -> dict[str, Any]:
@@ -133,12 +159,5 @@ def settings_of(ds: xr.Dataset) -> dict[str, Any]:
 def locked(path: str | Path) -> Iterator[None]:
     """An exclusive lock beside `path` (path + '.lock'), so that two analyses of the same
     run read-modify-write the dataset one after the other."""
-    lock_path = Path(f"{path}.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive_lock(f"{path}.lock"):
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)

@@ -12,11 +12,13 @@ nothing in a checkpoint is ever executed."""
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
 import re
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +28,14 @@ import torch
 from torch import nn
 
 from .config import DataConfig, ModelConfig
-from .errors import IncompleteRunError, UserError
+from .errors import IncompleteRunError, SparseTrainingError, UserError
 
 CHECKPOINT_SCHEMA = 1
 METRICS_HEADER = ("cycle", "epoch", "step", "split", "metric", "value")
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _LABEL = re.compile(r"^(init|rewind|cycle_\d{3}(_epoch_\d{3})?)$")
+TEMPORARY_SUFFIX = ".tmp"  # atomic_path writes .NAME.XXXXXXXX.tmp beside NAME
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -40,21 +43,33 @@ _LABEL = re.compile(r"^(init|rewind|cycle_\d{3}(_epoch_\d{3})?)$")
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it onto `path`, on any
-    error remove it, so `path` is either the old file or the complete new one."""
+    error remove it, so `path` is either the old file or the complete new one. A failing
+    write (a full disk, a read-only or missing directory) is one SparseTrainingError (exit 1)
+    that names `path`, not the temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are meant to be shared
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are meant to be shared
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            kept = f"the previous {path.name} is intact" if path.exists() else "no partial file was left"
+            raise write_failed(path, error, f"nothing was replaced: {kept}") from None
         raise
+
+
+def write_failed(path: Path, error: OSError, consequence: str) -> SparseTrainingError:
+    """The one-line error (exit 1) of a write that failed: full disk, read-only place, ..."""
+    return SparseTrainingError(f"cannot write {path} ({error.strerror or error}); {consequence}")
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -72,6 +87,28 @@ def torch_save_atomic(obj: Any, path: str | Path) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
+@contextmanager
+def exclusive_lock(path: str | Path, wait: bool = True, busy: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created if missing) for the block. The
+    kernel drops it when the process dies, even by SIGKILL, so a crash never leaves a stale
+    lock. With `wait=False`, a lock held by another process is the UserError `busy`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    except OSError as error:
+        raise write_failed(path, error, "a lock file is needed beside what is written; write somewhere writable "
+                                        "(analyses take --out)") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise UserError(busy or f"{path} is locked by another process") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def torch_load_safe(path: str | Path, what: str = "checkpoint") -> Any:
     """Load a torch file with weights_only=True; any failure is a one-line UserError."""
     path = Path(path)
@@ -80,10 +117,12 @@ def torch_load_safe(path: str | Path, what: str = "checkpoint") -> Any:
     if not path.is_file():
         raise UserError(f"{path} is not a file; pass a {what} file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols: the error says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
         text = str(error)
-        if "Unsupported global" in text or "Unsupported operand" in text:
+        if "unsupported global" in text.lower() or "unsupported operand" in text.lower():
             reason = "it contains objects other than tensors and plain Python values, refused for safety"
         else:
             lines = [line for line in text.strip().splitlines() if line.strip() and "weights_only" not in line]
@@ -123,6 +162,11 @@ class RunDir:
         return self.path / "DONE"
 
     @property
+    def lock(self) -> Path:
+        """Held by the one process training this run."""
+        return self.path / ".train.lock"
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
@@ -148,6 +192,12 @@ class RunDir:
 
     def exists(self) -> bool:
         return self.config.exists()
+
+    def stray_temporaries(self) -> list[Path]:
+        """Temporary files of writes that a killed process never finished (atomic_path's
+        .NAME.XXXXXXXX.tmp): never under a final name, safe to delete while holding `lock`."""
+        return [p for folder in (self.path, self.checkpoints) if folder.is_dir()
+                for p in folder.glob(f".*{TEMPORARY_SUFFIX}") if p.is_file()]
 
     def is_done(self) -> bool:
         return self.done.exists()
@@ -220,13 +270,16 @@ def update_meta(run: RunDir, **changes: Any) -> dict[str, Any]:
 def append_metrics(run: RunDir, rows: list[tuple]) -> None:
     """Append (cycle, epoch, step, split, metric, value) rows; the header is written once."""
     new = not run.metrics.exists()
-    with open(run.metrics, "a", newline="") as handle:
-        writer = csv.writer(handle)
-        if new:
-            writer.writerow(METRICS_HEADER)
-        writer.writerows(rows)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(run.metrics, "a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(METRICS_HEADER)
+            writer.writerows(rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise write_failed(run.metrics, error, "a row cut short is dropped when the run is resumed") from None
 
 
 def read_metrics(run: RunDir) -> list[dict[str, Any]]:
@@ -249,16 +302,34 @@ def read_metrics(run: RunDir) -> list[dict[str, Any]]:
 
 def truncate_metrics(run: RunDir, through: tuple[int, int]) -> None:
     """Keep only rows up to (cycle, epoch) `through`: rows of an epoch that a crash
-    interrupted before the resume state recorded it are dropped (rewritten atomically)."""
-    rows = read_metrics(run)
-    kept = [r for r in rows if (r["cycle"], r["epoch"]) <= through]
-    if len(kept) == len(rows):
+    interrupted before the resume state recorded it are dropped, and so is a row that the
+    crash (or a full disk) cut short. Rewritten atomically."""
+    if not run.metrics.exists():
         return
+    written = run.metrics.read_bytes()
+    try:
+        lines = list(csv.reader(io.StringIO(written.decode(errors="replace"), newline="")))
+    except csv.Error as error:
+        raise UserError(f"{run.metrics} is corrupt ({error}); delete the run directory and train again") from None
+    if len(lines) > 1 and tuple(lines[0]) != METRICS_HEADER:
+        raise UserError(f"{run.metrics} does not have the columns {','.join(METRICS_HEADER)}")
+    rows = [row for row in map(_metrics_row, lines[1:]) if row is not None and (row[0], row[1]) <= through]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(METRICS_HEADER)
-    writer.writerows([tuple(r[k] for k in METRICS_HEADER) for r in kept])
-    write_bytes_atomic(run.metrics, buffer.getvalue().encode())
+    writer.writerows(rows)
+    if buffer.getvalue().encode() != written:
+        write_bytes_atomic(run.metrics, buffer.getvalue().encode())
+
+
+def _metrics_row(fields: list[str]) -> tuple | None:
+    """(cycle, epoch, step, split, metric, value) as written, or None for a torn row."""
+    try:
+        cycle, epoch, step, split, metric, value = fields
+        float(value)
+        return int(cycle), int(epoch), int(step), split, metric, value
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -362,24 +433,56 @@ def load_checkpoint(
 
 
 def _from_payload(path: Path, raw: dict[str, Any]) -> Checkpoint:
-    if raw["schema_version"] != CHECKPOINT_SCHEMA:
-        raise UserError(f"{path} has checkpoint schema {raw['schema_version']}; this version reads {CHECKPOINT_SCHEMA}")
+    from .config import section
+
+    schema = raw["schema_version"]
+    if type(schema) is not int or schema != CHECKPOINT_SCHEMA:
+        raise UserError(f"{path} has checkpoint schema {schema!r:.40}; this version reads {CHECKPOINT_SCHEMA}")
     try:
-        state_dict = dict(raw["state_dict"])
-        model_cfg = ModelConfig(**raw["model"])
-        data_cfg = DataConfig(**raw["data"]) if raw.get("data") is not None else None
-        masks = dict(raw.get("masks") or {})
-        if not all(isinstance(v, torch.Tensor) for v in list(state_dict.values()) + list(masks.values())):
-            raise TypeError("non-tensor entries")
-    except (KeyError, TypeError, ValueError) as error:
-        raise UserError(f"{path} is a damaged checkpoint ({error})") from None
+        state_dict, masks = raw["state_dict"], raw.get("masks") or {}
+        if not (_is_tensor_dict(state_dict) and _is_tensor_dict(masks)):
+            raise TypeError("state_dict and masks must map names to dense tensors")
+        model_cfg = section(ModelConfig, raw["model"], "model")
+        data_cfg = section(DataConfig, raw["data"], "data") if raw.get("data") is not None else None
+        fields = {key: _typed(raw, key, kinds) for key, kinds in _PAYLOAD_FIELDS.items()}
+        if not all(isinstance(k, str) and _is_number(v) for k, v in fields["metrics"].items()):
+            raise TypeError("metrics must map names to numbers")
+    except (KeyError, TypeError, ValueError, UserError) as error:
+        raise UserError(f"{path} is a damaged checkpoint ({str(error)[:200]})") from None
     masks = _complete_masks(path, state_dict, masks, model_cfg, allow_import=False)
+    for name, mask in masks.items():
+        if name not in state_dict or mask.shape != state_dict[name].shape:
+            raise UserError(f"{path} is a damaged checkpoint (its mask of {name!r} fits no weight of that shape)")
     return Checkpoint(
         path=path, state_dict=state_dict, masks=masks, model=model_cfg, data=data_cfg,
-        label=str(raw.get("label") or path.stem), cycle=raw.get("cycle"), epoch=raw.get("epoch"),
-        step=raw.get("step"), sparsity=float(raw.get("sparsity") or 0.0), method=raw.get("method"),
-        metrics=dict(raw.get("metrics") or {}), config=dict(raw.get("config") or {}),
+        label=fields["label"] or path.stem, cycle=fields["cycle"], epoch=fields["epoch"], step=fields["step"],
+        sparsity=float(fields["sparsity"] or 0.0), method=fields["method"], metrics=dict(fields["metrics"] or {}),
+        config=dict(fields["config"] or {}),
     )
+
+
+# The plain fields of a checkpoint and the types they may have (None: absent).
+_PAYLOAD_FIELDS = {"label": (str,), "cycle": (int,), "epoch": (int,), "step": (int,), "sparsity": (int, float),
+                   "method": (str,), "metrics": (dict,), "config": (dict,)}
+
+
+def _typed(raw: dict[str, Any], key: str, kinds: tuple[type, ...]) -> Any:
+    value = raw.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+        raise TypeError(f"{key} is a {type(value).__name__}")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    """{name: dense CPU tensor}, the only thing the code may use as weights or masks (torch.load
+    also gives back sparse and meta tensors)."""
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) and v.layout == torch.strided and v.device.type == "cpu"
+        for k, v in value.items())
 
 
 def _complete_masks(path: Path, state_dict, masks, model_cfg: ModelConfig | None, allow_import: bool) -> dict[str, torch.Tensor]:
@@ -407,7 +510,7 @@ def _complete_masks(path: Path, state_dict, masks, model_cfg: ModelConfig | None
 def _from_state_dict(path: Path, raw: dict[str, Any], model: str | None, model_kwargs, data: str | None) -> Checkpoint:
     if "state_dict" in raw and isinstance(raw["state_dict"], dict):
         raw = raw["state_dict"]  # a common wrapper: {"state_dict": ..., "epoch": ...}
-    if not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+    if not raw or not _is_tensor_dict(raw):
         raise UserError(f"{path} is neither a checkpoint of ours nor a state_dict of tensors")
     if model is None:
         raise UserError(f"{path} is a plain state_dict; say which model it is with --model NAME [--model-kwargs JSON] --data NAME")

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 from .errors import UserError
 
 SCHEMA_VERSION = 1
+MAX_CYCLES = 1000  # more is a typo (or a prune-fraction near 0), not a plan: the plan is built up front
 
 METHODS = ("dense", "pai", "pai-cyclic", "imp", "lrr", "sculpt", "transfer", "gmp", "rigl")
 PRUNERS = ("random", "magnitude", "snip", "synflow", "grasp")
@@ -113,7 +117,7 @@ class Config:
         unknown = sorted(set(raw) - set(sections))
         if unknown:
             raise UserError(f"unknown config section(s) {unknown}; expected {sorted(sections)}")
-        built = {name: _section(_SECTION_TYPES[name], raw.get(name, {}), name) for name in sections}
+        built = {name: section(_SECTION_TYPES[name], raw.get(name, {}), name) for name in sections}
         return cls(**built)
 
     @classmethod
@@ -131,22 +135,51 @@ class Config:
 _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "prune": PruneConfig, "run": RunConfig}
 
 
-def _section(cls: type, raw: Any, name: str) -> Any:
+def section(cls: type, raw: Any, name: str) -> Any:
+    """The dataclass `cls` (a config section) from a TOML/JSON table, every value type-checked:
+    a wrong key or type is a UserError naming [name] and the key."""
     if not isinstance(raw, dict):
         raise UserError(f"config section [{name}] must be a table")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise UserError(f"unknown key(s) {unknown} in config section [{name}]; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
     values = {}
-    for key, value in raw.items():
-        default = known[key].default
-        if isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
-        if key == "kwargs" and not isinstance(value, dict):
-            raise UserError(f"[{name}] kwargs must be a table")
-        values[key] = value
+    for key, given in raw.items():
+        value = tuple(given) if isinstance(given, list) else given
+        if not _has_type(value, hints[key]):
+            raise UserError(f"[{name}] {key} must be {_type_name(hints[key])}, got {given!r}")
+        values[key] = float(value) if hints[key] is float else value
     return cls(**values)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether `value` (as TOML or JSON gives it) fits the field type `hint`; an int fits a float."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "absent"}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in args)
+    if origin is tuple:
+        return "a list of numbers"
+    return "a table" if origin is dict else names.get(hint, str(hint))
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -188,7 +221,14 @@ def resolve(config: Config) -> Config:
     _check(0.0 <= prune.sparsity < 1.0, f"sparsity must be in [0, 1), got {prune.sparsity}")
     _check(run.epochs >= 1, f"epochs must be at least 1, got {run.epochs}")
     _check(run.cycles >= 1, f"cycles must be at least 1, got {run.cycles}")
-    _check(optim.lr > 0, f"lr must be positive, got {optim.lr}")
+    _check(0 < optim.lr < math.inf, f"lr must be a positive number, got {optim.lr}")
+    _check(0.0 <= optim.momentum < 1.0, f"momentum must be in [0, 1), got {optim.momentum}")
+    _check(0.0 <= optim.weight_decay < math.inf, f"weight-decay must be a number >= 0, got {optim.weight_decay}")
+    _check(0.0 <= optim.warmup_start <= 1.0, f"warmup-start must be in [0, 1], got {optim.warmup_start}")
+    _check(0.0 < optim.gamma < math.inf, f"gamma must be a positive number, got {optim.gamma}")
+    _check(all(0.0 < m < 1.0 for m in optim.milestones), f"milestones must lie in (0, 1), got {list(optim.milestones)}")
+    _check(0 <= run.seed < 2**63 and 0 <= config.data.seed < 2**63, "seeds must be integers in [0, 2**63)")
+    _check(config.data.num_workers >= 0, f"num-workers must be >= 0, got {config.data.num_workers}")
     _check(optim.batch_size >= 1 and optim.eval_batch_size >= 1, "batch sizes must be at least 1")
     _check(0.0 <= optim.warmup_fraction < 1.0, f"warmup-fraction must be in [0, 1), got {optim.warmup_fraction}")
     _check(run.save_every >= 0, "save-every must be >= 0")
@@ -199,8 +239,13 @@ def resolve(config: Config) -> Config:
         _check(prune.sparsity == 0.0, "method dense trains no mask; drop --sparsity or choose a pruning method")
     elif run.method != "transfer":
         _check(prune.sparsity > 0.0, f"method {run.method} needs --sparsity > 0")
+    _check(run.cycles <= MAX_CYCLES, f"cycles must be at most {MAX_CYCLES}, got {run.cycles}")
     if run.method in ("imp", "lrr"):
         _check(0.0 < prune.prune_fraction < 1.0, f"prune-fraction must be in (0, 1), got {prune.prune_fraction}")
+        levels = math.log1p(-prune.sparsity) / math.log1p(-prune.prune_fraction)
+        _check(levels <= MAX_CYCLES, f"pruning {prune.prune_fraction:g} of the weights per cycle needs {levels:.3g} "
+                                     f"cycles to reach sparsity {prune.sparsity}; at most {MAX_CYCLES} are allowed, "
+                                     "raise --prune-fraction")
     if run.method == "imp":
         _check(0 <= prune.rewind_epoch <= run.epochs,
                f"rewind-epoch {prune.rewind_epoch} is beyond the cycle of {run.epochs} epochs; choose 0..{run.epochs}")
@@ -221,6 +266,7 @@ def resolve(config: Config) -> Config:
     if run.method == "rigl":
         _check(0.0 < prune.rigl_fraction < 1.0, f"rigl-fraction must be in (0, 1), got {prune.rigl_fraction}")
     _check(prune.synflow_rounds >= 1 and prune.score_batches >= 1, "synflow-rounds and score-batches must be >= 1")
+    _check(0.0 < prune.grasp_temperature < math.inf, f"grasp-temperature must be a positive number, got {prune.grasp_temperature}")
     config = config.replace("prune", allocation=allocation)
     if run.method == "transfer":
         # Absolute source paths, so that --resume works from any directory.

@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import __version__
-from .checkpoint import (RunDir, append_metrics, checkpoint_payload, load_checkpoint, read_config, read_meta,
-                         save_checkpoint, torch_load_safe, torch_save_atomic, truncate_metrics, update_meta,
-                         write_json_atomic)
+from .checkpoint import (RunDir, append_metrics, checkpoint_payload, exclusive_lock, load_checkpoint, read_config,
+                         read_meta, save_checkpoint, torch_load_safe, torch_save_atomic, truncate_metrics, update_meta,
+                         write_bytes_atomic, write_json_atomic)
 from .config import Config, resolve
 from .data.base import batch_bounds
 from .dynamic import mask_schedule
@@ -319,7 +319,8 @@ def prepare(config: Config, out: str | Path, resume: bool) -> tuple[RunDir, Conf
         if not _same_run(stored, config):
             raise UserError(f"{run.path} already holds a different run; choose another --out, or --resume {run.path} to continue it")
         return run, stored.replace("run", device=config.run.device), False
-    if run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
+    leftovers = set(run.stray_temporaries()) | {run.lock}  # of a run killed before its config.json was written
+    if run.path.exists() and (not run.path.is_dir() or any(p not in leftovers for p in run.path.iterdir())):
         raise UserError(f"{run.path} exists and is not an empty directory or a run; choose another --out")
     return run, config, True
 
@@ -338,9 +339,22 @@ def train_run(config: Config, out: str | Path, *, resume: bool = False, command:
     session = RunSession(run, config, data, config.run.device, log, stop)
     if fresh:
         session.initialise()
-        run.path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run.config, session.config.to_dict())
-        write_json_atomic(run.meta, _provenance(session.config, command))
+    run.path.mkdir(parents=True, exist_ok=True)
+    busy = (f"{run.path} is being trained by another process right now; wait for it to finish, or stop it "
+            f"(it saves its resume state on SIGTERM) and then `landscape train --resume {run.path}`")
+    with exclusive_lock(run.lock, wait=False, busy=busy):
+        return _train_locked(session, fresh, command, log, progress_factory)
+
+
+def _train_locked(session: RunSession, fresh: bool, command: str, log: Callable[[str], None],
+                  progress_factory: Callable[[int, int], Any] | None) -> dict[str, Any]:
+    """The part of train_run that writes: only one process at a time holds the run's lock."""
+    run, config = session.run, session.config
+    for leftover in run.stray_temporaries():  # of writes a killed process never finished
+        leftover.unlink(missing_ok=True)
+    if fresh:
+        write_json_atomic(run.config, config.to_dict())
+        write_json_atomic(run.meta, _provenance(config, command))
         position, cycle_started = Position(0, 0, 0, 0), False
         session.save_checkpoint("init", position, None, None)
     elif run.state.exists():
@@ -367,7 +381,7 @@ def train_run(config: Config, out: str | Path, *, resume: bool = False, command:
             progress.close()
     update_meta(run, status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), training_flops=session.flops.total,
                 training_flops_note=FLOPS_CONVENTION)
-    run.done.write_text("done\n")
+    write_bytes_atomic(run.done, b"done\n")
     return {"run": str(run.path), "status": "trained", **_final_summary(run)}
 
 

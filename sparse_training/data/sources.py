@@ -94,7 +94,7 @@ def read_mnist1d_cache(path: Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in ARRAY_KEYS}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, NotImplementedError):
         log.warning("ignoring unreadable MNIST-1D cache %s; regenerating it", path)
         return None
     return arrays
@@ -127,6 +127,8 @@ def load_synthetic(config: DataConfig, device: torch.device) -> TensorData:
 
 # ---------------------------------------------------------------- npz
 
+MAX_CLASSES = 100_000  # more is a label column that is not class indices; the classifier would not fit in memory
+
 def load_npz(path_text: str, device: torch.device) -> TensorData:
     """A user's arrays: x_* numeric (used as float32, as stored: normalise them beforehand),
     y_* integer class labels; num_classes = largest label + 1."""
@@ -137,6 +139,9 @@ def load_npz(path_text: str, device: torch.device) -> TensorData:
     check_npz_arrays(path, arrays)
     arrays = {k: v.astype(np.float32 if k.startswith("x") else np.int64) for k, v in arrays.items()}
     num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
+    if num_classes > MAX_CLASSES:
+        raise UserError(f"{path}: labels go up to {num_classes - 1}; labels must be class indices 0..K-1 "
+                        f"with K at most {MAX_CLASSES}")
     return from_arrays(f"npz:{path_text}", arrays, num_classes, device)
 
 
@@ -156,6 +161,8 @@ def read_npz_arrays(path: Path) -> dict[str, np.ndarray]:
             return {k: archive[k] for k in ARRAY_KEYS}
         except ValueError as error:  # object arrays need pickle, which is refused
             raise UserError(f"{path} holds arrays that cannot be read without pickle ({error}); save plain numeric arrays") from None
+        except (OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as error:  # a damaged member
+            raise UserError(f"{path} is a damaged .npz file ({type(error).__name__}: {error})") from None
 
 
 def check_npz_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
