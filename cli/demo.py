@@ -108,6 +108,8 @@ def _one_thread_unless_asked(device: str) -> None:
 def _steps(study: Study, root: Path, runs: dict[str, Path], seeds: dict[str, tuple[str, int, Path]],
            device: str) -> list[tuple[str, list[str], Path | None]]:
     """(what, `landscape` arguments, the file whose presence means done or None) in order."""
+    from sparse_training.checkpoint import RunDir
+
     steps = [(f"train {method}", _train_args(method, 0, study, run, device), None) for method, run in runs.items()]
     steps += [(f"train {name}", _train_args(method, seed, study, run, device), None)
               for name, (method, seed, run) in seeds.items()]
@@ -124,7 +126,7 @@ def _steps(study: Study, root: Path, runs: dict[str, Path], seeds: dict[str, tup
     ]
     for method, run in runs.items():
         for kind in ("connectivity", "sharpness", "signs", "metrics"):
-            steps.append((f"{kind} figure of {method}", ["plot", kind, str(run)], run / "figures" / f"{kind}.png"))
+            steps.append((f"{kind} figure of {method}", ["plot", kind, str(run)], RunDir(run).figure_file(kind)))
     analysed = list(map(str, runs.values()))
     combined = [
         ("connectivity", analysed, []), ("sharpness", analysed, []), ("signs", analysed, []),
