@@ -31,7 +31,8 @@ from torch import nn
 from landscape.hessian import Eigenpairs, HessianOperator
 from landscape.lanczos import eigsh_top, lanczos_top
 from landscape.power import power_top
-from sparse_training.checkpoint import RunDir, load_checkpoint
+from sparse_training.checkpoint import load_checkpoint
+from sparse_training.rundir import RunDir
 from sparse_training.config import DataConfig
 from sparse_training.data import load_data
 from sparse_training.models import build_model, model_config_for

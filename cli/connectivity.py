@@ -137,7 +137,7 @@ def barrier(checkpoint_a, checkpoint_b, points, splits, bn, bn_batches, samples,
     from pathlib import Path
 
     from landscape.connectivity import barrier_output, checkpoint_pair
-    from sparse_training.checkpoint import run_of_checkpoint
+    from sparse_training.rundir import run_of_checkpoint
 
     pair = checkpoint_pair(checkpoint_a, checkpoint_b)
     run = run_of_checkpoint(pair.path_a)
@@ -175,7 +175,7 @@ def connectivity(run, run_b, points, splits, bn, bn_batches, samples, seed, batc
     from pathlib import Path
 
     from landscape.connectivity import LoadOptions, connectivity_output, consecutive_pairs, matching_pairs
-    from sparse_training.checkpoint import RunDir
+    from sparse_training.rundir import RunDir
 
     runs = [RunDir(path) for path in (run, run_b) if path is not None]
     for one in runs:

@@ -77,9 +77,11 @@ def demo(out: str, quick: bool, device: str, as_json: bool) -> None:
     started = time.perf_counter()
     _one_thread_unless_asked(device)
     study = QUICK if quick else FULL
-    root = Path(out)
-    runs = {method: root / "runs" / method for method in METHODS}  # seed 0: trained and analysed
-    seeds = {f"{method}-seed{seed}": (method, seed, root / "runs" / f"{method}-seed{seed}")
+    from sparse_training.rundir import StudyDir
+
+    root = StudyDir(out)
+    runs = {method: root.run(method) for method in METHODS}  # seed 0: trained and analysed
+    seeds = {f"{method}-seed{seed}": (method, seed, root.run(f"{method}-seed{seed}"))
              for seed in range(1, study.seeds) for method in METHODS}
     steps = _steps(study, root, runs, seeds, device)
     for index, (what, args, product) in enumerate(steps, start=1):
@@ -105,24 +107,23 @@ def _one_thread_unless_asked(device: str) -> None:
         torch.set_num_threads(1)
 
 
-def _steps(study: Study, root: Path, runs: dict[str, Path], seeds: dict[str, tuple[str, int, Path]],
+def _steps(study: Study, root, runs: dict[str, Path], seeds: dict[str, tuple[str, int, Path]],
            device: str) -> list[tuple[str, list[str], Path | None]]:
     """(what, `landscape` arguments, the file whose presence means done or None) in order."""
-    from sparse_training.checkpoint import RunDir
+    from sparse_training.rundir import RunDir
 
     steps = [(f"train {method}", _train_args(method, 0, study, run, device), None) for method, run in runs.items()]
     steps += [(f"train {name}", _train_args(method, seed, study, run, device), None)
               for name, (method, seed, run) in seeds.items()]
     for method, run in runs.items():
         steps += _analyses(method, run, study, device)
-    analysis = root / "analysis"
     every_seed = [*map(str, runs.values()), *(str(run) for _, _, run in seeds.values())]
     # Final masks of the three sparse runs, and the lower-sparsity masks they came from.
     masks = [str(runs["pai-cyclic"]), f"{runs['lrr']}@cycle_001", str(runs["lrr"]), f"{runs['sculpt']}@cycle_000",
              str(runs["sculpt"])]
     steps += [
-        ("overlap of the sparse runs' masks", ["overlap", *masks, "--out", str(analysis / "overlap.nc")], None),
-        ("metrics of all runs", ["metrics", *every_seed, "--out", str(analysis / "metrics.nc")], None),
+        ("overlap of the sparse runs' masks", ["overlap", *masks, "--out", str(root.analysis_file("overlap"))], None),
+        ("metrics of all runs", ["metrics", *every_seed, "--out", str(root.analysis_file("metrics"))], None),
     ]
     for method, run in runs.items():
         for kind in ("connectivity", "sharpness", "signs", "metrics"):
@@ -130,12 +131,12 @@ def _steps(study: Study, root: Path, runs: dict[str, Path], seeds: dict[str, tup
     analysed = list(map(str, runs.values()))
     combined = [
         ("connectivity", analysed, []), ("sharpness", analysed, []), ("signs", analysed, []),
-        ("overlap", [str(analysis / "overlap.nc")], []), ("metrics", analysed, []),
-        ("sparsity", [str(analysis / "metrics.nc")], []),
-        ("sparsity_flops", [str(analysis / "metrics.nc")], ["--x", "flops"]),
+        ("overlap", [str(root.analysis_file("overlap"))], []), ("metrics", analysed, []),
+        ("sparsity", [str(root.analysis_file("metrics"))], []),
+        ("sparsity_flops", [str(root.analysis_file("metrics"))], ["--x", "flops"]),
     ]
     for name, inputs, extra in combined:
-        target = root / "figures" / f"{name}.png"
+        target = root.figure_file(name)
         steps.append((f"{name} figure of all runs", ["plot", name.split("_")[0], *inputs, *extra, "--out", str(target)],
                       target))
     return steps
@@ -192,9 +193,10 @@ def _invoke(args: list[str]) -> None:
 
 # ---------------------------------------------------------------- the result
 
-def _result(root: Path, runs: dict[str, Path], seconds: float) -> dict[str, Any]:
+def _result(root, runs: dict[str, Path], seconds: float) -> dict[str, Any]:
     """Where everything lies, and each run's final sparsity and test accuracy."""
-    from sparse_training.checkpoint import RunDir, load_checkpoint
+    from sparse_training.checkpoint import load_checkpoint
+    from sparse_training.rundir import RunDir
 
     summary = {}
     for name, path in runs.items():
@@ -202,24 +204,26 @@ def _result(root: Path, runs: dict[str, Path], seconds: float) -> dict[str, Any]
         final = load_checkpoint(run.checkpoint(run.cycle_labels()[-1]))
         summary[name] = {"path": str(path), "cycles": len(run.cycle_labels()), "sparsity": final.sparsity,
                            "test_accuracy": final.metrics.get("test_accuracy")}
-    datasets = sorted(str(p) for p in root.glob("**/analysis/*.nc"))
-    figures = sorted(str(p) for p in root.glob("**/figures/*.png"))
-    return {"out": str(root), "seconds": round(seconds, 1), "model": MODEL, "data": DATA, "runs": summary,
+    datasets = [str(p) for p in root.datasets()]
+    figures = [str(p) for p in root.figures()]
+    return {"out": str(root.path), "seconds": round(seconds, 1), "model": MODEL, "data": DATA, "runs": summary,
             "datasets": datasets, "figures": figures}
 
 
 def _summary(result: dict[str, Any]) -> str:
+    from sparse_training.rundir import RunDir, StudyDir
+
     minutes, seconds = divmod(int(result["seconds"]), 60)
     rows = [[name, r["cycles"], r["sparsity"], r["test_accuracy"], r["path"]] for name, r in result["runs"].items()]
-    root = Path(result["out"])
-    combined = [p for p in result["figures"] if Path(p).parent == root / "figures"]
+    root = StudyDir(result["out"])
+    combined = [p for p in result["figures"] if root.is_study_figure(p)]
     lines = [
         f"landscape demo: {result['model']} on {result['data']}, finished in {minutes} min {seconds} s",
         table(rows, ["run", "cycles", "sparsity", "test accuracy", "directory"]),
         "",
         f"datasets ({len(result['datasets'])}):", *[f"  {p}" for p in result["datasets"]],
         f"figures of all runs ({len(combined)}):", *[f"  {p}" for p in combined],
-        f"figures per analysed run: {root / 'runs' / '<method>' / 'figures'}/*.png "
+        f"figures per analysed run: {RunDir(root.run('<method>')).figures}/*.png "
         f"({len(result['figures']) - len(combined)} in all)",
     ]
     return "\n".join(lines)

@@ -26,7 +26,7 @@ def info(path, model_name, model_kwargs, data_name, as_json):
     """
     from pathlib import Path
 
-    from sparse_training.checkpoint import RunDir
+    from sparse_training.rundir import RunDir
     from sparse_training.errors import UserError
 
     target = Path(path)
@@ -71,7 +71,8 @@ def checkpoint_info(path, model_name=None, model_kwargs=None, data_name=None) ->
 
 
 def run_info(run) -> dict:
-    from sparse_training.checkpoint import load_checkpoint, read_config, read_meta
+    from sparse_training.checkpoint import load_checkpoint
+    from sparse_training.records import read_config, read_meta
     from sparse_training.errors import UserError
 
     if not run.exists():
@@ -90,7 +91,7 @@ def run_info(run) -> dict:
         "data": config.data.name, "cycles": len(run.cycle_labels()), "epochs_per_cycle": config.run.epochs,
         "target_sparsity": config.prune.sparsity, "pruner": config.prune.pruner, "seed": config.run.seed,
         "checkpoints": checkpoints, "analyses": analyses_of(run),
-        "figures": sorted(p.name for p in run.figures.glob("*") if p.is_file()) if run.figures.is_dir() else [],
+        "figures": [p.name for p in run.figure_files()],
         "warnings": meta.get("warnings", []),
     }
 
@@ -101,7 +102,7 @@ def analyses_of(run) -> list[dict]:
     from sparse_training.errors import UserError
 
     found = []
-    for path in sorted(run.analysis.glob("*.nc")) if run.analysis.is_dir() else []:
+    for path in run.analysis_files():
         try:
             ds = read_dataset(path)
         except UserError as error:

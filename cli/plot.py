@@ -6,6 +6,7 @@ figure beside it; several runs go to ./KIND.png unless --out says otherwise."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -90,10 +91,10 @@ def _run_names(inputs) -> list[str]:
 
 
 def _load(kind: str, path: Path, run_name: str):
-    """(dataset, the run it belongs to or None, where its own figure goes less the suffix)."""
+    """(dataset, the run it belongs to or None, fmt -> where its own figure goes)."""
     from landscape.store import read_dataset
-    from sparse_training.checkpoint import RunDir
     from sparse_training.errors import UserError
+    from sparse_training.rundir import RunDir, figure_output, run_of_analysis
 
     if path.is_dir():
         run = RunDir(path)
@@ -106,30 +107,21 @@ def _load(kind: str, path: Path, run_name: str):
         else:
             source = run.analysis_file(kind)
             if not source.exists():
-                raise UserError(f"{path} has no analysis/{kind}.nc yet; compute it with `landscape {kind} {path}`")
+                raise UserError(f"{path} has no {source.relative_to(run.path)} yet; compute it with "
+                                f"`landscape {kind} {path}`")
             ds = read_dataset(source)
-        return _annotated(ds, [run]), run, run.figures / kind
+        return _annotated(ds, [run]), run, functools.partial(run.figure_file, kind)
     ds = read_dataset(path)
     ds.attrs["source_path"] = str(path)
-    run = _run_of_analysis(path)
-    name = path.stem if path.stem.startswith(kind) else f"{path.stem}_{kind}"
-    if run is None:
-        return _annotated(ds, _runs_of_inputs(ds, path)), None, path.parent / name
-    return _annotated(ds, [run]), run, run.figures / name
-
-
-def _run_of_analysis(path: Path):
-    """The run whose analysis/ folder holds `path`, if any."""
-    from sparse_training.checkpoint import RunDir
-
-    run = RunDir(path.resolve().parent.parent)
-    return run if path.resolve().parent == run.analysis.resolve() and run.exists() else None
+    run = run_of_analysis(path)
+    place = functools.partial(figure_output, path, kind)
+    return _annotated(ds, [run] if run is not None else _runs_of_inputs(ds, path)), run, place
 
 
 def _runs_of_inputs(ds, path: Path) -> list:
     """The runs a dataset was computed from, found through its provenance `inputs`
     (checkpoints or metrics.csv files, relative to the dataset's folder), where they still exist."""
-    from sparse_training.checkpoint import RunDir
+    from sparse_training.rundir import run_of_file
 
     try:
         inputs = json.loads(ds.attrs.get("inputs", "[]"))
@@ -137,18 +129,16 @@ def _runs_of_inputs(ds, path: Path) -> list:
         return []
     runs = {}
     for item in inputs if isinstance(inputs, list) else []:
-        where = path.parent / str(item)
-        for folder in (where.parent, where.parent.parent):  # RUN/metrics.csv, RUN/checkpoints/X.pt
-            if RunDir(folder).exists():
-                runs.setdefault(str(folder.resolve()), RunDir(folder))
-                break
+        run = run_of_file(path.parent / str(item))
+        if run is not None:
+            runs.setdefault(str(run.path.resolve()), run)
     return list(runs.values())
 
 
 def _annotated(ds, runs: list):
     """Add what the figure titles need from the runs' configs: model and data (when the runs
     agree), and for one run its target sparsity and method; what the dataset records wins."""
-    from sparse_training.checkpoint import read_config
+    from sparse_training.records import read_config
 
     configs = [read_config(run) for run in runs]
     for key, values in (("model", {c.model.name for c in configs}), ("data", {c.data.name for c in configs})):
@@ -161,7 +151,7 @@ def _annotated(ds, runs: list):
     return ds
 
 
-def _output_path(kind: str, homes: list, places: list[Path], out: str | Path | None, fmt: str | None) -> tuple[Path, str]:
+def _output_path(kind: str, homes: list, places: list, out: str | Path | None, fmt: str | None) -> tuple[Path, str]:
     from sparse_training.errors import UserError
 
     if out is not None:
@@ -175,7 +165,7 @@ def _output_path(kind: str, homes: list, places: list[Path], out: str | Path | N
         return (out if suffix else out.with_name(f"{out.name}.{fmt}")), fmt
     fmt = fmt or "png"
     if len(places) == 1:
-        return places[0].with_name(f"{places[0].name}.{fmt}"), fmt
+        return places[0](fmt), fmt
     runs = {str(home.path.resolve()) if home is not None else None for home in homes}
     if len(runs) == 1 and None not in runs:
         return homes[0].figure_file(kind, fmt), fmt

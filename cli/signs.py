@@ -35,7 +35,7 @@ def output_options(func: Callable) -> Callable:
 # ---------------------------------------------------------------- inputs
 
 def _run_arg(arg: str, allow_incomplete: bool, what: str):
-    from sparse_training.checkpoint import RunDir
+    from sparse_training.rundir import RunDir
     from sparse_training.errors import UserError
 
     if not Path(arg).is_dir():
@@ -47,7 +47,8 @@ def _run_arg(arg: str, allow_incomplete: bool, what: str):
 
 def _resolve(arg: str, allow_incomplete: bool):
     """(run or None, checkpoint path) for FILE, RUN (its final cycle) or RUN@LABEL."""
-    from sparse_training.checkpoint import RunDir, resolve_checkpoints
+    from sparse_training.checkpoint import resolve_checkpoints
+    from sparse_training.rundir import RunDir
     from sparse_training.errors import UserError
 
     path, label = Path(arg), None
@@ -111,7 +112,7 @@ def _output(out: str | None, run: Any, name: str) -> Path:
 
 
 def _method(run: Any) -> str:
-    from sparse_training.checkpoint import read_config
+    from sparse_training.records import read_config
 
     return read_config(run).run.method if run is not None else ""
 

@@ -17,7 +17,9 @@ from typing import Any, Callable
 import numpy as np
 import xarray as xr
 
-from sparse_training.checkpoint import Checkpoint, RunDir, load_checkpoint, read_config, run_of_checkpoint
+from sparse_training.checkpoint import Checkpoint, load_checkpoint
+from sparse_training.records import read_config
+from sparse_training.rundir import RunDir, run_of_checkpoint
 from sparse_training.errors import UserError
 
 from . import store

@@ -22,7 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 import xarray as xr
 
-from sparse_training.checkpoint import RunDir, read_config, read_meta, read_metrics
+from sparse_training.records import read_config, read_meta, read_metrics
+from sparse_training.rundir import RunDir
 from sparse_training.errors import UserError
 
 from .store import described

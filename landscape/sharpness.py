@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from sparse_training.checkpoint import Checkpoint, RunDir, load_checkpoint, resolve_checkpoints
+from sparse_training.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoints
+from sparse_training.rundir import RunDir
 from sparse_training.config import DataConfig
 from sparse_training.errors import UserError
 from sparse_training.masks import kept_count

@@ -24,7 +24,7 @@ import numpy as np
 import xarray as xr
 
 from sparse_training import __version__
-from sparse_training.checkpoint import atomic_path, exclusive_lock
+from sparse_training.io import atomic_path, exclusive_lock
 from sparse_training.errors import UserError
 
 ENGINE = "h5netcdf"

@@ -20,9 +20,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import __version__
-from .checkpoint import (RunDir, append_metrics, checkpoint_payload, exclusive_lock, load_checkpoint, read_config,
-                         read_meta, save_checkpoint, torch_load_safe, torch_save_atomic, truncate_metrics, update_meta,
-                         write_bytes_atomic, write_json_atomic)
+from .checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
+from .io import exclusive_lock, torch_load_safe, torch_save_atomic, write_bytes_atomic, write_json_atomic
+from .records import append_metrics, read_config, read_meta, truncate_metrics, update_meta
+from .rundir import RunDir
 from .config import Config, resolve
 from .data.base import batch_bounds
 from .dynamic import mask_schedule

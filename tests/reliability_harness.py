@@ -235,7 +235,10 @@ def assert_every_file_complete(run: Path) -> None:
     """Every file of `run` under its final name is whole: each checkpoint and the resume
     state load, config/meta parse, each analysis dataset opens. Temporaries may be left."""
     from landscape.store import read_dataset
-    from sparse_training.checkpoint import RunDir, load_checkpoint, read_config, read_meta, torch_load_safe
+    from sparse_training.checkpoint import load_checkpoint
+    from sparse_training.io import torch_load_safe
+    from sparse_training.records import read_config, read_meta
+    from sparse_training.rundir import RunDir
 
     run_dir = RunDir(run)
     if run_dir.config.exists():

@@ -17,7 +17,9 @@ from cli.main import cli
 from landscape import store
 from landscape.connectivity import LoadOptions, checkpoint_pair, compute_pairs
 from landscape.interpolate import PathSettings
-from sparse_training.checkpoint import RunDir, checkpoint_payload, save_checkpoint, write_json_atomic
+from sparse_training.checkpoint import checkpoint_payload, save_checkpoint
+from sparse_training.io import write_json_atomic
+from sparse_training.rundir import RunDir
 from sparse_training.config import Config, DataConfig
 from sparse_training.data import load_data
 from sparse_training.masks import ones_mask

@@ -10,7 +10,9 @@ import pytest
 
 from landscape.dynamics import metrics_dataset
 from landscape.store import read_dataset, write_dataset
-from sparse_training.checkpoint import RunDir, append_metrics, write_json_atomic
+from sparse_training.io import write_json_atomic
+from sparse_training.records import append_metrics
+from sparse_training.rundir import RunDir
 from sparse_training.config import Config
 from sparse_training.errors import UserError
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_training.checkpoint import RunDir, load_checkpoint, read_meta, read_metrics
+from sparse_training.checkpoint import load_checkpoint
+from sparse_training.records import read_meta, read_metrics
+from sparse_training.rundir import RunDir
 from sparse_training.flops import FlopCounter, LayerCost, forward_flops, layer_costs
 
 from conftest import run_cli

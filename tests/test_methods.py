@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from conftest import run_cli, train_tiny
-from sparse_training.checkpoint import RunDir, checkpoint_payload, load_checkpoint, save_checkpoint
+from sparse_training.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
+from sparse_training.rundir import RunDir
 from sparse_training.config import Config, DataConfig, ModelConfig, PruneConfig
 from sparse_training.dynamic import GradualMagnitudePruning, RigL, drop_and_grow
 from sparse_training.masks import is_subset, kept_count, prunable_parameters, total_count

@@ -29,7 +29,9 @@ from hypothesis import strategies as st
 from cli.main import cli
 from landscape import store
 from reliability_harness import landscape
-from sparse_training.checkpoint import RunDir, load_checkpoint, read_config, read_metrics, truncate_metrics
+from sparse_training.checkpoint import load_checkpoint
+from sparse_training.records import read_config, read_metrics, truncate_metrics
+from sparse_training.rundir import RunDir
 from sparse_training.config import Config, load_toml, resolve
 from sparse_training.data import load_data
 from sparse_training.errors import IncompleteRunError, UserError

@@ -26,7 +26,8 @@ import sparse_training.checkpoint as checkpoint_module
 from conftest import run_cli
 from landscape import store
 from reliability_harness import assert_every_file_complete, finish, landscape, start
-from sparse_training.checkpoint import RunDir, load_checkpoint
+from sparse_training.checkpoint import load_checkpoint
+from sparse_training.rundir import RunDir
 from sparse_training.procedures import RunSession
 
 TINY = ["--data", "synthetic", "--model", "resnet1d", "--model-kwargs", '{"width": 8}', "--batch-size", "64",

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from reliability_harness import Point, assert_every_file_complete, landscape
-from sparse_training.checkpoint import RunDir, exclusive_lock
+from sparse_training.io import exclusive_lock
+from sparse_training.rundir import RunDir
 
 TINY = ["--data", "synthetic", "--model", "resnet1d", "--model-kwargs", '{"width": 8}', "--batch-size", "64",
         "--lr", "0.05", "--device", "cpu", "--epochs", "2"]

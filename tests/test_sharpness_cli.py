@@ -15,7 +15,9 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from landscape import store
-from sparse_training.checkpoint import RunDir, load_checkpoint, save_checkpoint, torch_load_safe
+from sparse_training.checkpoint import load_checkpoint, save_checkpoint
+from sparse_training.io import torch_load_safe
+from sparse_training.rundir import RunDir
 from sparse_training.data import load_data
 from sparse_training.masks import kept_count
 from sparse_training.trainer import evaluate

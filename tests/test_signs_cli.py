@@ -12,8 +12,10 @@ import xarray as xr
 from conftest import run_cli, train_tiny
 from test_dynamics import csv_rows_of
 
-from sparse_training.checkpoint import (RunDir, append_metrics, checkpoint_payload, load_checkpoint, read_metrics,
-                                        save_checkpoint, torch_load_safe)
+from sparse_training.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
+from sparse_training.io import torch_load_safe
+from sparse_training.records import append_metrics, read_metrics
+from sparse_training.rundir import RunDir
 from sparse_training.config import ModelConfig
 from sparse_training.models import build_model
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from conftest import run_cli, train_tiny
-from sparse_training.checkpoint import RunDir, load_checkpoint, read_metrics
+from sparse_training.checkpoint import load_checkpoint
+from sparse_training.records import read_metrics
+from sparse_training.rundir import RunDir
 from sparse_training.config import Config
 from sparse_training.procedures import StopFlag, UserInterrupted, train_run
 

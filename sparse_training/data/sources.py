@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_path
+from ..io import atomic_path
 from ..config import DataConfig
 from ..errors import UserError
 from .base import seeded_generator
