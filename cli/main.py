@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+from typing import Any
 
 import click
 
@@ -33,11 +35,40 @@ class LazyGroup(click.Group):
         module, attribute, _ = COMMANDS[name]
         return getattr(importlib.import_module(module), attribute)
 
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Click's own handling, except that a usage error is one line, `error: <what is
+        wrong>; <what to do>`, exit 2, like every other error of the tool."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as error:
+            click.echo(f"error: {usage_error_line(error)}", err=True)
+            sys.exit(2)
+        except click.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
+
+
+def usage_error_line(error: click.UsageError) -> str:
+    """One line: what is wrong, then where the valid usage is."""
+    if isinstance(error, click.BadParameter) and str(error.message).startswith("unknown "):
+        what = error.message  # our choices say what is known already
+    else:
+        what = error.format_message()
+        what = what[0].lower() + what[1:] if what else "bad usage"
+    where = error.ctx.command_path if error.ctx is not None else "landscape"
+    return f"{' '.join(what.split()).rstrip('.')}; see `{where} --help`"
 
 
 def _available(name: str) -> bool:

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from .errors import UserError
 
@@ -28,66 +28,97 @@ SCHEDULES = ("triangular", "step", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
+            choices: Callable[[], Sequence[str]] | Sequence[str] | None = None,
+            default_factory: Any = dataclasses.MISSING) -> Any:
+    """A settings field that documents itself: `help` (and `choices`, a list or a function
+    returning one, so registries are read when asked) is what `--help` shows and `flag` the
+    option's name when it is not --field-name. The CLI generates its options from these
+    (cli/options.py), so no choice list or default is ever copied by hand."""
+    metadata = {"help": help, "flag": flag, "choices": choices}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _pruner_names() -> Sequence[str]:
+    return PRUNERS
+
+
+def _method_names() -> Sequence[str]:
+    return METHODS
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "mnist1d"  # mnist1d | cifar10 | cifar100 | mnist | fashion-mnist | imagefolder:PATH | npz:PATH | synthetic
-    data_dir: str | None = None  # where torchvision data sets live; the mnist1d cache
-    download: bool = False  # torchvision sources only, and only when asked
-    augment: bool = True  # the data set's standard training augmentation (CIFAR: crop+flip)
-    seed: int = 42  # generation seed of mnist1d / synthetic
-    num_workers: int = 0  # DataLoader workers for the large (folder) sources
+    name: str = setting("mnist1d", "mnist1d, cifar10, cifar100, mnist, fashion-mnist, imagefolder:PATH, npz:PATH, "
+                                   "synthetic.", flag="--data")
+    data_dir: str | None = setting(None, "Where torchvision data sets (and the mnist1d cache) live.")
+    download: bool = setting(False, "Let torchvision download the data set into --data-dir (only ever from the "
+                                    "command line).")
+    augment: bool = setting(True, "The data set's standard training augmentation (CIFAR: crop + flip).")
+    seed: int = setting(42, "Generation seed of mnist1d / synthetic data.", flag="--data-seed")
+    num_workers: int = setting(0, "DataLoader workers for the large (image folder) sources.")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "cnn1d"  # see sparse_training.models.MODEL_NAMES, tv:NAME, module.path:factory
-    kwargs: dict[str, Any] = field(default_factory=dict)  # completed with num_classes/in_channels
+    name: str = setting("cnn1d", "mlp, cnn1d, resnet1d, resnet20/32/56, resnet18/50, vgg16, tv:NAME, "
+                                 "module.path:factory.", flag="--model")
+    kwargs: dict[str, Any] = setting(help="JSON object of model keyword arguments, e.g. '{\"width\": 2}' "
+                                          "(num_classes and in_channels are completed from the data).",
+                                     flag="--model-kwargs", default_factory=dict)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "sgd"
-    lr: float = 0.2  # peak learning rate of every cycle (the authors' triangular default)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    batch_size: int = 512
-    eval_batch_size: int = 1024
-    schedule: str = "triangular"  # triangular | step | cosine | constant
-    warmup_fraction: float = 0.2  # of each cycle (triangular: the ramp; step/cosine: linear warm-up)
-    warmup_start: float = 0.2  # the warm-up starts at warmup_start * lr
-    milestones: tuple[float, ...] = (0.5, 0.75)  # step decay: fractions of the cycle
-    gamma: float = 0.1  # step decay factor
+    optimizer: str = setting("sgd", "Optimizer.", choices=lambda: OPTIMIZERS)
+    lr: float = setting(0.2, "Peak learning rate of every cycle (the authors' triangular default).")
+    momentum: float = setting(0.9, "SGD momentum.")
+    weight_decay: float = setting(5e-4, "Weight decay.")
+    nesterov: bool = setting(False, "Nesterov momentum (SGD).")
+    batch_size: int = setting(512, "Training batch size.")
+    eval_batch_size: int = setting(1024, "Batch size of the per-epoch evaluation.")
+    schedule: str = setting("triangular", "LR schedule of each cycle.", choices=lambda: SCHEDULES)
+    warmup_fraction: float = setting(0.2, "Warm-up share of each cycle (triangular: the ramp; step/cosine: a "
+                                          "linear warm-up).")
+    warmup_start: float = setting(0.2, "The warm-up starts at this fraction of --lr.")
+    milestones: tuple[float, ...] = setting((0.5, 0.75), "step schedule: fractions of the cycle where the LR "
+                                                         "drops, comma-separated.")
+    gamma: float = setting(0.1, "step schedule: factor of each drop.")
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    pruner: str = "random"  # criterion of the prune-at-init step
-    allocation: str | None = None  # None: resolved (global for scored pruners, erk for random)
-    sparsity: float = 0.0  # target sparsity of the run
-    initial_sparsity: float = 0.5  # sculpt: the prune-at-init sparsity before the cut
-    prune_fraction: float = 0.2  # imp/lrr: fraction of remaining weights pruned per cycle
-    rewind_epoch: int = 10  # imp: epoch of cycle 0 whose weights later cycles rewind to
-    score_batches: int = 1  # batches of training data scored by snip/grasp
-    synflow_rounds: int = 100  # iterative SynFlow, as in Tanaka et al. 2020
-    grasp_temperature: float = 200.0
-    mask_from: str | None = None  # transfer: checkpoint whose mask is used
-    weights_from: str | None = None  # transfer: checkpoint, or "random" for a fresh init
-    signs_from: str | None = None  # transfer: checkpoint whose signs are kept
-    update_every: int = 100  # gmp/rigl: steps between mask updates
-    update_end: float = 0.75  # gmp/rigl: fraction of training after which the mask is fixed
-    update_start: float = 0.0  # gmp: fraction of training when pruning starts
-    rigl_fraction: float = 0.3  # rigl: initial drop/grow fraction (cosine-decayed)
+    pruner: str = setting("random", "Prune-at-init criterion.", choices=_pruner_names)
+    allocation: str | None = setting(None, "How many weights each layer keeps. [global for scored pruners, erk "
+                                           "for random]", choices=lambda: ALLOCATIONS)
+    sparsity: float = setting(0.0, "Target sparsity in [0, 1): 0.9 prunes 90 % of the prunable weights.")
+    initial_sparsity: float = setting(0.5, "sculpt: prune-at-init sparsity before the cut.")
+    prune_fraction: float = setting(0.2, "imp/lrr: fraction of the remaining weights pruned per cycle.")
+    rewind_epoch: int = setting(10, "imp: epoch of cycle 0 whose weights later cycles rewind to (0 = init).")
+    score_batches: int = setting(1, "snip/grasp: training batches scored.")
+    synflow_rounds: int = setting(100, "synflow: pruning rounds (Tanaka et al. 2020).")
+    grasp_temperature: float = setting(200.0, "grasp: softmax temperature of the scored loss.")
+    mask_from: str | None = setting(None, "transfer: checkpoint whose mask is used.")
+    weights_from: str | None = setting(None, "transfer: checkpoint whose weights are used, or 'random' (a fresh "
+                                             "init). [random]")
+    signs_from: str | None = setting(None, "transfer: checkpoint whose signs the prunable weights take.")
+    update_every: int = setting(100, "gmp/rigl: steps between mask updates.")
+    update_end: float = setting(0.75, "gmp/rigl: fraction of training after which the mask is fixed.")
+    update_start: float = setting(0.0, "gmp: fraction of training when pruning starts.")
+    rigl_fraction: float = setting(0.3, "rigl: initial drop/grow fraction (cosine-decayed).")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    method: str = "dense"
-    cycles: int = 1  # cycles after the prune-at-init step (pai-cyclic, sculpt, transfer); pruning cycles (imp/lrr) come from the sparsity
-    epochs: int = 20  # per cycle
-    seed: int = 0
-    device: str = "cpu"
-    save_every: int = 0  # also write checkpoints/cycle_XXX_epoch_YYY.pt every N epochs (0: never)
+    method: str = setting("dense", "Method: a cycle plan (see README).", choices=_method_names)
+    cycles: int = setting(1, "Cycles of the LR schedule after the prune-at-init step (pai: one cycle of cycles x "
+                             "epochs); imp/lrr take their pruning cycles from the sparsity.")
+    epochs: int = setting(20, "Epochs per cycle.")
+    seed: int = setting(0, "Seed of init, pruning and data order.")
+    device: str = setting("cpu", "cpu, cuda, cuda:N. [cuda if available]")
+    save_every: int = setting(0, "Also checkpoint every N epochs within cycles (0: never).")
 
 
 @dataclass(frozen=True)
@@ -117,7 +148,7 @@ class Config:
         unknown = sorted(set(raw) - set(sections))
         if unknown:
             raise UserError(f"unknown config section(s) {unknown}; expected {sorted(sections)}")
-        built = {name: section(_SECTION_TYPES[name], raw.get(name, {}), name) for name in sections}
+        built = {name: section(SECTIONS[name], raw.get(name, {}), name) for name in sections}
         return cls(**built)
 
     @classmethod
@@ -132,7 +163,8 @@ class Config:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
 
 
-_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "prune": PruneConfig, "run": RunConfig}
+# Config sections in the order --help lists their options.
+SECTIONS = {"run": RunConfig, "model": ModelConfig, "data": DataConfig, "prune": PruneConfig, "optim": OptimConfig}
 
 
 def section(cls: type, raw: Any, name: str) -> Any:
