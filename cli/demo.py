@@ -19,7 +19,7 @@ import click
 
 from sparse_training.errors import SparseTrainingError
 
-from .output import emit, handle_errors, json_option, log, table
+from .output import emit, handle_errors, json_option, log, quiet_enabled, table
 
 MODEL = "resnet1d"  # the MNIST-1D ResNet with BatchNorm: connectivity recomputes its statistics
 DATA = "mnist1d"
@@ -182,7 +182,8 @@ def _invoke(args: list[str]) -> None:
     log("$ landscape " + " ".join(args))
     with contextlib.redirect_stdout(sys.stderr):
         try:
-            cli.main((["--debug"] if debug else []) + args, prog_name="landscape", standalone_mode=False)
+            flags = (["--debug"] if debug else []) + (["--quiet"] if quiet_enabled() else [])
+            cli.main(flags + args, prog_name="landscape", standalone_mode=False)
         except click.ClickException as error:
             error.show()
             raise DemoStepFailed(args, error.exit_code) from None

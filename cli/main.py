@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from .output import quiet_option
+
 # name -> (module, attribute, one-line help shown by `landscape --help`)
 COMMANDS = {
     "train": ("cli.train", "train", "Train a dense or sparse network into a run directory."),
@@ -18,8 +20,8 @@ COMMANDS = {
     "connectivity": ("cli.connectivity", "connectivity", "Barriers between consecutive cycles, or between two runs."),
     "sharpness": ("cli.sharpness", "sharpness", "Top Hessian eigenvalues (mask-aware Lanczos) and trace."),
     "signs": ("cli.signs", "signs", "Sign flips of kept weights against init, rewind or previous cycle."),
-    "overlap": ("cli.signs", "overlap", "Pairwise overlap of masks, against chance."),
-    "metrics": ("cli.signs", "metrics", "Runs' metrics.csv as one dataset."),
+    "overlap": ("cli.overlap", "overlap", "Pairwise overlap of masks, against chance."),
+    "metrics": ("cli.metrics", "metrics", "Runs' metrics.csv as one dataset."),
     "plot": ("cli.plot", "plot", "Figures from analysis datasets."),
     "demo": ("cli.demo", "demo", "A small study on MNIST-1D, analyses and figures included."),
 }
@@ -77,6 +79,7 @@ def _available(name: str) -> bool:
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@quiet_option
 @click.version_option(package_name="sparse-landscape", prog_name="landscape")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:

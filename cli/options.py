@@ -63,6 +63,17 @@ class FloatList(click.ParamType):
             self.fail(f"{value!r} is not a comma-separated list of numbers, e.g. 0.5,0.75", param, ctx)
 
 
+class TextList(click.ParamType):
+    """Comma-separated names: --split train,test."""
+
+    name = "names"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        return tuple(part.strip() for part in str(value).split(",") if part.strip())
+
+
 class JsonObject(click.ParamType):
     """A JSON object: --model-kwargs '{"width": 2}'."""
 
@@ -92,7 +103,7 @@ def _click_type(field: dataclasses.Field, hint: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         return _click_type(field, next(arg for arg in args if arg is not type(None)))
     if origin is tuple:
-        return FloatList()
+        return FloatList() if args and args[0] is float else TextList()
     if origin is dict:
         return JsonObject()
     return {int: int, float: float, str: str}.get(hint, str)
@@ -108,7 +119,7 @@ def _default_text(field: dataclasses.Field) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, tuple):
-        return ",".join(f"{v:g}" for v in value)
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

@@ -56,7 +56,9 @@ def handle_errors(func: Callable) -> Callable:
 
 
 def json_option(func: Callable) -> Callable:
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")(func)
+    """--json, and --quiet with it: every command has both."""
+    func = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")(func)
+    return quiet_option(func)
 
 
 def device_option(func: Callable) -> Callable:
@@ -109,8 +111,33 @@ def resolve_device(name: str | None) -> str:
     return str(device)
 
 
+QUIET = "landscape.quiet"  # key in the click context's meta, shared by the group and its command
+
+
+def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta[QUIET] = True
+
+
+def quiet_option(func: Callable) -> Callable:
+    """-q/--quiet on the group and on every command: no progress bars, no log lines (errors
+    and the result on stdout still appear)."""
+    return click.option("-q", "--quiet", is_flag=True, expose_value=False, is_eager=True, callback=_set_quiet,
+                        help="No progress bars or log lines on stderr; the result and errors still appear.")(func)
+
+
+def quiet_enabled() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(QUIET))
+
+
 def log(message: str) -> None:
-    click.echo(message, err=True)
+    """A log line on stderr, written through tqdm so that it never breaks a progress bar."""
+    if quiet_enabled():
+        return
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 def emit(result: dict[str, Any], as_json: bool, summary: str) -> None:
@@ -130,8 +157,17 @@ def _jsonable(value: Any) -> Any:
 
 
 def progress_enabled() -> bool:
-    """Progress bars only when stderr is a terminal."""
-    return sys.stderr.isatty()
+    """Progress bars only when stderr is a terminal and --quiet is not given."""
+    return sys.stderr.isatty() and not quiet_enabled()
+
+
+def progress_bar(total: int, desc: str, unit: str, initial: int = 0):
+    """A tqdm bar on stderr (a context manager with `update`), switched off when
+    `progress_enabled()` is false. Log lines go through `log`, which writes above it."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False,
+                disable=not progress_enabled())
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:

@@ -6,7 +6,6 @@ figure beside it; several runs go to ./KIND.png unless --out says otherwise."""
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -91,7 +90,7 @@ def _run_names(inputs) -> list[str]:
 
 
 def _load(kind: str, path: Path, run_name: str):
-    """(dataset, the run it belongs to or None, fmt -> where its own figure goes)."""
+    """(dataset, the run it belongs to or None, where its own figure goes less the suffix)."""
     from landscape.store import read_dataset
     from sparse_training.errors import UserError
     from sparse_training.rundir import RunDir, figure_output, run_of_analysis
@@ -110,11 +109,11 @@ def _load(kind: str, path: Path, run_name: str):
                 raise UserError(f"{path} has no {source.relative_to(run.path)} yet; compute it with "
                                 f"`landscape {kind} {path}`")
             ds = read_dataset(source)
-        return _annotated(ds, [run]), run, functools.partial(run.figure_file, kind)
+        return _annotated(ds, [run]), run, run.figure_file(kind).with_suffix("")
     ds = read_dataset(path)
     ds.attrs["source_path"] = str(path)
     run = run_of_analysis(path)
-    place = functools.partial(figure_output, path, kind)
+    place = figure_output(path, kind).with_suffix("")
     return _annotated(ds, [run] if run is not None else _runs_of_inputs(ds, path)), run, place
 
 
@@ -137,9 +136,13 @@ def _runs_of_inputs(ds, path: Path) -> list:
 
 def _annotated(ds, runs: list):
     """Add what the figure titles need from the runs' configs: model and data (when the runs
-    agree), and for one run its target sparsity and method; what the dataset records wins."""
+    agree), and for one run its target sparsity and method; what the dataset records wins. The
+    method registry's styles go in too: figures never import the engine."""
+    from landscape.plots import METHOD_STYLES_ATTR
+    from sparse_training.methods import style_table
     from sparse_training.records import read_config
 
+    ds.attrs.setdefault(METHOD_STYLES_ATTR, json.dumps(style_table()))
     configs = [read_config(run) for run in runs]
     for key, values in (("model", {c.model.name for c in configs}), ("data", {c.data.name for c in configs})):
         if len(values) == 1:
@@ -151,7 +154,7 @@ def _annotated(ds, runs: list):
     return ds
 
 
-def _output_path(kind: str, homes: list, places: list, out: str | Path | None, fmt: str | None) -> tuple[Path, str]:
+def _output_path(kind: str, homes: list, places: list[Path], out: str | Path | None, fmt: str | None) -> tuple[Path, str]:
     from sparse_training.errors import UserError
 
     if out is not None:
@@ -165,7 +168,7 @@ def _output_path(kind: str, homes: list, places: list, out: str | Path | None, f
         return (out if suffix else out.with_name(f"{out.name}.{fmt}")), fmt
     fmt = fmt or "png"
     if len(places) == 1:
-        return places[0](fmt), fmt
+        return places[0].with_name(f"{places[0].name}.{fmt}"), fmt
     runs = {str(home.path.resolve()) if home is not None else None for home in homes}
     if len(runs) == 1 and None not in runs:
         return homes[0].figure_file(kind, fmt), fmt

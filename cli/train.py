@@ -7,7 +7,7 @@ import sys
 import click
 
 from .options import given, settings_options
-from .output import emit, handle_errors, json_option, log, progress_enabled
+from .output import emit, handle_errors, json_option, log, progress_bar, progress_enabled
 
 
 def train_options(func):
@@ -61,9 +61,7 @@ def train(out, resume_dir, config_file, device, as_json, **flags):
 
 
 def _progress_bar(total: int, initial: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+    return progress_bar(total, "training", "step", initial)
 
 
 def _summary(result: dict) -> str:

@@ -1,31 +1,32 @@
-"""Pairs of checkpoints, their paths (landscape.interpolate) and barriers (landscape.barrier),
-gathered into one dataset with a `pair` dimension and merged into a file.
+"""Connectivity: barriers between pairs of checkpoints (a path from landscape.interpolate,
+its barriers from landscape.barrier), gathered into one dataset with a `pair` dimension.
 
 Which pairs: two checkpoint files (`landscape barrier`), consecutive cycle checkpoints of a
 run (cycle_000..cycle_001, ...), or matching cycle checkpoints of two runs
-(runA/cycle_001..runB/cycle_001). Pairs already in the output file with the same settings
-are reused; the file is read, extended pair by pair and rewritten atomically under a lock,
-so an interrupted computation leaves a complete file with the pairs done so far."""
+(runA/cycle_001..runB/cycle_001). `results.update_labels` keeps the file: pairs already there
+with the same settings are reused, the others added and written one by one, so an interrupted
+computation leaves a complete file with the pairs done so far."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import xarray as xr
 
-from sparse_training.checkpoint import Checkpoint, load_checkpoint
-from sparse_training.records import read_config
-from sparse_training.rundir import RunDir, run_of_checkpoint
+from sparse_training.checkpoint import Checkpoint
 from sparse_training.errors import UserError
+from sparse_training.records import read_config
+from sparse_training.rundir import RunDir, analysis_output, run_of_checkpoint
 
 from . import store
 from .barrier import with_barriers
-from .interpolate import (DEFAULT_EVAL_BATCH_SIZE, PathCurves, PathSettings, check_compatible, evaluate_path,
-                          recorded_error, recorded_loss, validated)
+from .inputs import LoadOptions, load, run_dir
+from .interpolate import PathCurves, check_compatible, evaluate_path, recorded_error, recorded_loss
+from .results import AnalysisResult, Progress, merge_along, update_labels
+from .settings import DEFAULT_EVAL_BATCH_SIZE, PathSettings, validated
 
 ANALYSIS = "connectivity"
 GAP_WARNING = 0.02  # |evaluated - recorded| endpoint error above which the user is warned
@@ -38,21 +39,28 @@ class Pair:
     path_b: Path
 
 
-@dataclass(frozen=True)
-class LoadOptions:
-    """--model/--model-kwargs/--data, for plain state_dict files."""
-
-    model: str | None = None
-    model_kwargs: dict[str, Any] | None = None
-    data: str | None = None
-
-
-@dataclass
-class Outcome:
-    dataset: xr.Dataset
-    path: Path
-    computed: list[str] = field(default_factory=list)
-    reused: list[str] = field(default_factory=list)
+def connectivity(
+    inputs: Sequence[str | Path], settings: PathSettings, *, files: bool = False, out: str | Path | None = None,
+    overwrite: bool = False, allow_incomplete: bool = False, device: str = "cpu", options: LoadOptions = LoadOptions(),
+    progress: Progress | None = None, log: Callable[[str], None] = lambda message: None,
+) -> AnalysisResult:
+    """Barriers between the pairs `inputs` name: with `files`, two checkpoint files (`landscape
+    barrier`); else the consecutive cycles of one run, or the matching cycles of two runs.
+    The dataset goes to `out`, by default RUN/analysis/barrier_<A>__<B>.nc (<A>__<B>.barrier.nc
+    beside files outside any run), RUN/analysis/connectivity.nc or connectivity_<RUN_B>.nc."""
+    if files:
+        pair = checkpoint_pair(*inputs)
+        run = run_of_checkpoint(pair.path_a)
+        name = "barrier_" + pair.label.replace("..", "__").replace("/", "-")
+        target = analysis_output("barrier", run, [pair.path_a, pair.path_b], name)
+        pairs = [pair]
+    else:
+        runs = [run_dir(path, allow_incomplete, "pass one run directory, or two (matching cycles)") for path in inputs]
+        pairs = consecutive_pairs(runs[0]) if len(runs) == 1 else matching_pairs(*runs)
+        run = runs[0]
+        target = analysis_output(ANALYSIS, run, [], ANALYSIS if len(runs) == 1 else f"{ANALYSIS}_{runs[1].path.name}")
+    return compute_pairs(pairs, settings, out if out is not None else target, run=run, overwrite=overwrite,
+                         device=device, options=options, progress=progress, log=log)
 
 
 # ---------------------------------------------------------------- which pairs
@@ -91,18 +99,6 @@ def matching_pairs(run_a: RunDir, run_b: RunDir) -> list[Pair]:
         raise UserError(f"runs {run_a.path} and {run_b.path} have no cycle checkpoint label in common")
     name_a, name_b = run_a.path.name, run_b.path.name
     return [Pair(f"{name_a}/{x}..{name_b}/{x}", run_a.checkpoint(x), run_b.checkpoint(x)) for x in common]
-
-
-def barrier_output(pair: Pair) -> Path:
-    """RUN/analysis/barrier_<A>__<B>.nc for a checkpoint in a run, else beside the first file."""
-    name = "barrier_" + pair.label.replace("..", "__").replace("/", "-")
-    run = run_of_checkpoint(pair.path_a)
-    return run.analysis_file(name) if run is not None else pair.path_a.parent / f"{name}.nc"
-
-
-def connectivity_output(run_a: RunDir, run_b: RunDir | None = None) -> Path:
-    """RUN/analysis/connectivity.nc, or RUN_A/analysis/connectivity_<RUN_B name>.nc."""
-    return run_a.analysis_file(ANALYSIS if run_b is None else f"{ANALYSIS}_{run_b.path.name}")
 
 
 def default_batch_size(run: RunDir | None) -> int:
@@ -166,6 +162,22 @@ def pair_dataset(pair: Pair, a: Checkpoint, b: Checkpoint, curves: PathCurves) -
     return with_barriers(ds)
 
 
+def _with_provenance(ds: xr.Dataset, pair: Pair, a: Checkpoint, b: Checkpoint, settings: PathSettings,
+                     base: Path | None) -> xr.Dataset:
+    """Scalar coords run and method (where both checkpoints agree) and the global attrs."""
+    inputs = list(dict.fromkeys([pair.path_a, pair.path_b]))
+    ds.attrs = store.provenance(inputs, settings.as_dict(), base=base, analysis=ANALYSIS)
+    ds.attrs.update(bn_mode=settings.bn, model=a.model.name if a.model else "", data=a.data.name if a.data else "")
+    target = (a.config.get("prune") or {}).get("sparsity")
+    if target is not None:
+        ds.attrs["target_sparsity"] = float(target)
+    return ds.assign_coords(run=_common([_run_name(a), _run_name(b)]), method=_common([a.method or "", b.method or ""]))
+
+
+def _common(values: list[str]) -> str:
+    return values[0] if all(v == values[0] for v in values) else ""
+
+
 def _cycle(ckpt: Checkpoint) -> int:
     return -1 if ckpt.cycle is None else int(ckpt.cycle)
 
@@ -202,51 +214,14 @@ def gap_warnings(ds: xr.Dataset, labels: list[str], threshold: float = GAP_WARNI
 
 # ---------------------------------------------------------------- the file
 
-def _read_existing(out: Path, settings: PathSettings) -> xr.Dataset | None:
-    if not out.exists():
-        return None
-    try:
-        ds = store.read_dataset(out)
-    except UserError as error:
-        raise UserError(f"{error}; pass --overwrite to replace it") from None
-    if ds.attrs.get("analysis") != ANALYSIS or "pair" not in ds.dims:
-        raise UserError(f"{out} exists and is not a connectivity dataset; pass --overwrite to replace it or --out elsewhere")
-    stored, wanted = store.settings_of(ds), settings.as_dict()
-    if stored != wanted:
-        differ = ", ".join(f"{k}={stored.get(k)!r} there, {wanted.get(k)!r} now"
-                           for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k))
-        raise UserError(f"{out} was computed with other settings ({differ}); pass --overwrite to replace it "
-                        "or --out to write elsewhere")
-    return ds
-
-
-def _stored_labels(ds: xr.Dataset | None) -> set[str]:
-    return set() if ds is None else {str(p) for p in ds.pair.values}
-
-
 def _load_all(pairs: list[Pair], options: LoadOptions) -> dict[Path, Checkpoint]:
     loaded: dict[Path, Checkpoint] = {}
     for pair in pairs:
         for path in (pair.path_a, pair.path_b):
             if path not in loaded:
-                loaded[path] = load_checkpoint(path, model=options.model, model_kwargs=options.model_kwargs,
-                                               data=options.data)
+                loaded[path] = load(path, options)
         check_compatible(loaded[pair.path_a], loaded[pair.path_b])
     return loaded
-
-
-def _common(values: list[str]) -> str:
-    return values[0] if values and all(v == values[0] for v in values) else ""
-
-
-def _merged(existing: xr.Dataset | None, new: xr.Dataset, order: list[str]) -> xr.Dataset:
-    """`existing` with the pair of `new` added (replacing one of the same label), pairs in
-    `order` first and other stored pairs after them."""
-    parts = [new.drop_vars(["run", "method"], errors="ignore")]
-    if existing is not None:
-        kept = [str(p) for p in existing.pair.values if str(p) not in set(new.pair.values)]
-        parts.insert(0, existing.drop_vars(["run", "method"], errors="ignore").sel(pair=kept))
-    return _ranked(xr.concat(parts, dim="pair", combine_attrs="override") if len(parts) > 1 else parts[0], order)
 
 
 def _ranked(ds: xr.Dataset, order: list[str]) -> xr.Dataset:
@@ -255,63 +230,41 @@ def _ranked(ds: xr.Dataset, order: list[str]) -> xr.Dataset:
     return ds.sel(pair=[p for p in order if p in labels] + [p for p in labels if p not in order])
 
 
-def _attrs(existing: xr.Dataset | None, loaded: dict[Path, Checkpoint], settings: PathSettings,
-           base: Path | None) -> dict[str, Any]:
-    attrs = store.provenance(list(loaded), settings.as_dict(), base=base, analysis=ANALYSIS)
-    inputs = json.loads(existing.attrs.get("inputs", "[]")) if existing is not None else []
-    attrs["inputs"] = json.dumps(inputs + [p for p in json.loads(attrs["inputs"]) if p not in inputs])
-    first = next(iter(loaded.values()))
-    attrs.update(bn_mode=settings.bn, model=first.model.name if first.model else "",
-                 data=first.data.name if first.data else "")
-    target = (first.config.get("prune") or {}).get("sparsity")
-    if target is not None:
-        attrs["target_sparsity"] = float(target)
-    return attrs
-
-
-def _scalar_coords(ds: xr.Dataset, existing: xr.Dataset | None, loaded: dict[Path, Checkpoint]) -> xr.Dataset:
-    runs = [_run_name(c) for c in loaded.values()]
-    methods = [c.method or "" for c in loaded.values()]
-    if existing is not None and "run" in existing.coords:
-        runs.append(str(existing.run.item()))
-        methods.append(str(existing.method.item()))
-    return ds.assign_coords(run=_common(runs), method=_common(methods))
-
-
 def compute_pairs(
-    pairs: list[Pair], settings: PathSettings, out: str | Path, *, overwrite: bool = False, device: str = "cpu",
-    options: LoadOptions = LoadOptions(), base: Path | None = None,
-    progress: Callable[[], None] | None = None, log: Callable[[str], None] | None = None,
-) -> Outcome:
+    pairs: list[Pair], settings: PathSettings, out: str | Path, *, run: RunDir | None = None, overwrite: bool = False,
+    device: str = "cpu", options: LoadOptions = LoadOptions(), progress: Progress | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> AnalysisResult:
     """Compute the pairs not yet in `out` (all of them with `overwrite`) and merge them into
-    it. Every input is loaded and checked before anything is written."""
+    it. `run` is the run the pairs belong to: its evaluation batch size is the default and the
+    inputs are recorded relative to it. Every input is loaded and checked before anything is
+    written."""
     from sparse_training.data import load_data
 
-    out, settings = Path(out), validated(settings)
+    if settings.batch_size is None:
+        settings = replace(settings, batch_size=default_batch_size(run))
+    settings, by_label = validated(settings), {p.label: p for p in pairs}
     order = [p.label for p in pairs]
-    if len(set(order)) != len(order):
-        raise UserError(f"pair {next(p for p in order if order.count(p) > 1)!r} was asked for twice")
-    existing = None if overwrite else _read_existing(out, settings)
-    todo = [p for p in pairs if p.label not in _stored_labels(existing)]
-    if not todo:
-        return Outcome(_ranked(existing, order), out, reused=order)
-    loaded = _load_all(todo, options)
-    datas: dict[Any, Any] = {}
-    with store.locked(out):
-        existing = None if overwrite else _read_existing(out, settings)
-        reused = [p.label for p in pairs if p.label in _stored_labels(existing)]
-        ds, computed = existing, []
-        for pair in [p for p in todo if p.label not in reused]:
+
+    def prepare(todo: list[str]) -> Callable[[str], xr.Dataset]:
+        loaded, datas = _load_all([by_label[label] for label in todo], options), {}
+        if progress is not None:
+            progress.total = len(todo) * settings.points
+
+        def compute(label: str) -> xr.Dataset:
+            pair = by_label[label]
             a, b = loaded[pair.path_a], loaded[pair.path_b]
             if a.data not in datas:
                 datas[a.data] = load_data(a.data, device)
-            if log is not None:
-                log(f"{pair.label}: {settings.points} points, BatchNorm {settings.bn}")
-            curves = evaluate_path(a, b, datas[a.data], settings, device, progress)
-            merged = _merged(ds, pair_dataset(pair, a, b, curves), order)
-            merged = _scalar_coords(merged, ds, {pair.path_a: a, pair.path_b: b})
-            merged.attrs = _attrs(ds, {pair.path_a: a, pair.path_b: b}, settings, base)
-            store.write_dataset(merged, out)
-            ds = merged
-            computed.append(pair.label)
-    return Outcome(ds, out, computed=computed, reused=reused)
+            log(f"{label}: {settings.points} points, BatchNorm {settings.bn}")
+            step = (lambda: progress.update(1)) if progress is not None else None
+            ds = pair_dataset(pair, a, b, evaluate_path(a, b, datas[a.data], settings, device, step))
+            ds = _with_provenance(ds, pair, a, b, settings, run.path if run is not None else None)
+            for line in gap_warnings(ds, [label]):
+                log(line)
+            return ds
+
+        return compute
+
+    return update_labels(out, ANALYSIS, order, prepare, lambda ds, new: _ranked(merge_along(ds, new, "pair"), order),
+                         dim="pair", settings=settings.as_dict(), overwrite=overwrite)

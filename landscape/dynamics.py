@@ -17,20 +17,43 @@ Runs with fewer cycles or epochs than others get NaN (and step -1) there."""
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
-from sparse_training.records import read_config, read_meta, read_metrics
-from sparse_training.rundir import RunDir
 from sparse_training.errors import UserError
+from sparse_training.records import METRICS_HEADER, read_config, read_meta, read_metrics
+from sparse_training.rundir import RunDir, analysis_output
 
-from .store import described
+from .inputs import run_dir, run_names
+from .results import AnalysisResult, update_whole
+from .store import described, provenance
 
+ANALYSIS = "metrics"
 SPECIAL = {("train", "lr"): "lr", ("train", "sparsity"): "epoch_sparsity", ("train", "flops"): "flops"}
 FIRST_SPLITS = ("train", "test")
 FIRST_METRICS = ("loss", "accuracy")
+CUBE = ("run", "cycle", "epoch")
+CORRUPT = "it is corrupt and can be rebuilt only by re-running training"
+
+
+def metrics(runs: Sequence[str | Path], *, out: str | Path | None = None, overwrite: bool = False,
+            allow_incomplete: bool = False, log: Callable[[str], None] = lambda message: None) -> AnalysisResult:
+    """The runs' metrics.csv as one dataset in `out`, by default RUN/analysis/metrics.nc for
+    one run (several need `out`). Rebuilt whenever a metrics.csv changed."""
+    dirs = [run_dir(arg, allow_incomplete, "`landscape metrics` takes run directories") for arg in runs]
+    if out is None and len(dirs) > 1:
+        raise UserError("several runs go to one dataset outside any run; say where with --out FILE.nc")
+    path = Path(out) if out is not None else analysis_output(ANALYSIS, dirs[0], [])
+    names = run_names(dirs, runs)
+    settings = {"runs": names, "metrics_sha256": [metrics_fingerprint(d) for d in dirs]}
+    base = dirs[0].path if len(dirs) == 1 and out is None else path.parent
+    attrs = provenance([d.metrics for d in dirs], settings, base, ANALYSIS)
+    return update_whole(path, ANALYSIS, names, lambda: metrics_dataset(dirs, names), attrs, overwrite=overwrite,
+                        log=log)
 
 
 def metrics_fingerprint(run: RunDir) -> str:
@@ -42,77 +65,81 @@ def _ordered(found: set[str], first: Sequence[str]) -> list[str]:
     return [name for name in first if name in found] + sorted(found - set(first))
 
 
-def _read_all(runs: Sequence[RunDir]) -> list[list[dict[str, Any]]]:
-    tables = [read_metrics(run) for run in runs]
-    for run, rows in zip(runs, tables):
-        if not rows:
+def _table(runs: Sequence[RunDir]) -> pd.DataFrame:
+    """Every run's rows (read and typed by `records`), checked, with the run's index in `run`
+    and the name of the special variable a row belongs to (None for a plain metric) in `special`."""
+    frames = []
+    for index, run in enumerate(runs):
+        rows = pd.DataFrame(read_metrics(run), columns=list(METRICS_HEADER))
+        if rows.empty:
             raise UserError(f"{run.metrics} holds no rows yet; train the run first")
-    return tables
+        _check(run, rows)
+        frames.append(rows.assign(run=index))
+    table = pd.concat(frames, ignore_index=True)
+    return table.assign(special=[SPECIAL.get(key) for key in zip(table["split"], table["metric"])])
 
 
-class _Grid:
-    """Arrays over (run, cycle, epoch[, split, metric]) filled row by row."""
+def _check(run: RunDir, rows: pd.DataFrame) -> None:
+    """One row per (cycle, epoch, split, metric) and one step per (cycle, epoch); the first bad
+    row in file order is the one named, a duplicate before a step that disagrees."""
+    twice = rows.duplicated(["cycle", "epoch", "split", "metric"])
+    first_step = rows.groupby(["cycle", "epoch"])["step"].transform("first")
+    other_step = rows["step"] != first_step
+    if twice.any() and not (other_step.any() and other_step.idxmax() < twice.idxmax()):
+        row = rows.loc[twice.idxmax()]
+        raise UserError(f"{run.metrics} has two rows for cycle {row.cycle} epoch {row.epoch} {row.split} {row.metric}; "
+                        f"{CORRUPT}")
+    if other_step.any():
+        row = rows.loc[other_step.idxmax()]
+        raise UserError(f"{run.metrics} records steps {first_step[row.name]} and {row.step} for cycle {row.cycle} "
+                        f"epoch {row.epoch}; {CORRUPT}")
 
-    def __init__(self, tables: list[list[dict[str, Any]]]):
-        rows = [row for table in tables for row in table]
-        plain = {(r["split"], r["metric"]) for r in rows} - set(SPECIAL)
-        self.cycles = sorted({r["cycle"] for r in rows})
-        self.epochs = sorted({r["epoch"] for r in rows})
-        self.splits = _ordered({s for s, _ in plain}, FIRST_SPLITS)
-        self.metrics = _ordered({m for _, m in plain}, FIRST_METRICS)
-        shape = (len(tables), len(self.cycles), len(self.epochs))
-        self.value = np.full(shape + (len(self.splits), len(self.metrics)), np.nan)
-        self.special = {name: np.full(shape, np.nan) for name in SPECIAL.values()}
-        self.step = np.full(shape, -1, dtype=np.int64)
 
-    def fill(self, index: int, run: RunDir, rows: list[dict[str, Any]]) -> None:
-        cycle_at, epoch_at = {c: i for i, c in enumerate(self.cycles)}, {e: i for i, e in enumerate(self.epochs)}
-        seen = set()
-        for r in rows:
-            key = (r["cycle"], r["epoch"], r["split"], r["metric"])
-            if key in seen:
-                raise UserError(f"{run.metrics} has two rows for cycle {key[0]} epoch {key[1]} {key[2]} {key[3]}; "
-                                "it is corrupt and can be rebuilt only by re-running training")
-            seen.add(key)
-            at = (index, cycle_at[r["cycle"]], epoch_at[r["epoch"]])
-            if self.step[at] not in (-1, r["step"]):
-                raise UserError(f"{run.metrics} records steps {self.step[at]} and {r['step']} for cycle {key[0]} "
-                                f"epoch {key[1]}; it is corrupt and can be rebuilt only by re-running training")
-            self.step[at] = r["step"]
-            special = SPECIAL.get((r["split"], r["metric"]))
-            if special:
-                self.special[special][at] = r["value"]
-            else:
-                self.value[at + (self.splits.index(r["split"]), self.metrics.index(r["metric"]))] = r["value"]
-
-    def cycle_sparsity(self) -> np.ndarray:
-        """epoch_sparsity at each cycle's last recorded epoch (NaN when the cycle has none)."""
-        per_epoch = self.special["epoch_sparsity"]
-        out = np.full(per_epoch.shape[:2], np.nan)
-        for index in np.ndindex(out.shape):
-            recorded = per_epoch[index][~np.isnan(per_epoch[index])]
-            if recorded.size:
-                out[index] = recorded[-1]
-        return out
+def _cube(rows: pd.DataFrame, levels: dict[str, Sequence], column: str = "value", fill: float = np.nan) -> np.ndarray:
+    """`column` of `rows` on the full grid of `levels` (one row per point, checked), `fill` where none."""
+    grid = pd.MultiIndex.from_product(list(levels.values()), names=list(levels))
+    values = rows.groupby(list(levels))[column].first().reindex(grid, fill_value=fill)
+    return values.to_numpy().reshape([len(v) for v in levels.values()])
 
 
 def metrics_dataset(runs: Sequence[RunDir], names: Sequence[str]) -> xr.Dataset:
     """One dataset from the runs' metrics.csv (see the module docstring); `names` label the runs."""
-    tables = _read_all(runs)
-    grid = _Grid(tables)
-    for index, (run, rows) in enumerate(zip(runs, tables)):
-        grid.fill(index, run, rows)
-    cube = ("run", "cycle", "epoch")
+    table = _table(runs)
+    plain = table[table["special"].isna()]
+    cycles, epochs = sorted(set(table["cycle"])), sorted(set(table["epoch"]))
+    splits, metric_names = _ordered(set(plain["split"]), FIRST_SPLITS), _ordered(set(plain["metric"]), FIRST_METRICS)
+    levels = {"run": range(len(runs)), "cycle": cycles, "epoch": epochs}
+    value = _cube(plain, {**levels, "split": splits, "metric": metric_names})
+    special = {name: _cube(table[table["special"] == name], levels) for name in SPECIAL.values()}
+    step = _cube(table, levels, "step", -1).astype(np.int64)
+    sparsity = _cube(table[table["special"] == "epoch_sparsity"].dropna(subset=["value"]).sort_values("epoch")
+                     .groupby(["run", "cycle"]).tail(1), {"run": levels["run"], "cycle": cycles})
+    coords = {
+        "run": list(names), "cycle": np.array(cycles, dtype=np.int64), "epoch": np.array(epochs, dtype=np.int64),
+        "split": splits, "metric": metric_names,
+        "method": ("run", [read_config(run).run.method for run in runs]),
+        "sparsity": (("run", "cycle"), sparsity), "lr": (CUBE, special["lr"]), "step": (CUBE, step),
+    }
+    ds = xr.Dataset(_variables(runs, value, special), coords=coords)
+    ds["lr"].attrs.update(long_name="learning rate", units="1",
+                          description="lr of the epoch's last step, as training recorded it (epoch 0: before any step)")
+    ds["sparsity"].attrs.update(long_name="sparsity", units="1", description="sparsity at the cycle's last recorded epoch")
+    ds["step"].attrs.update(long_name="global step", units="1",
+                            description="optimizer steps taken when the row was recorded; -1 where absent")
+    return ds
+
+
+def _variables(runs: Sequence[RunDir], value: np.ndarray, special: dict[str, np.ndarray]) -> dict[str, xr.DataArray]:
     variables = {
-        "value": described(grid.value, cube + ("split", "metric"), "recorded metric", "1",
+        "value": described(value, CUBE + ("split", "metric"), "recorded metric", "1",
                            "metric of the split recorded at the end of the epoch (epoch 0: right after the cycle's mask "
                            "change, before training); accuracy is a fraction in [0, 1], loss the mean cross-entropy; "
                            "NaN where the run has no such row"),
-        "epoch_sparsity": described(grid.special["epoch_sparsity"], cube, "sparsity at the epoch", "1",
+        "epoch_sparsity": described(special["epoch_sparsity"], CUBE, "sparsity at the epoch", "1",
                                     "fraction of prunable weights that are zero at the end of the epoch; NaN where not recorded"),
     }
-    if not np.isnan(grid.special["flops"]).all():
-        variables["flops"] = described(grid.special["flops"], cube, "training FLOPs so far", "FLOP",
+    if not np.isnan(special["flops"]).all():
+        variables["flops"] = described(special["flops"], CUBE, "training FLOPs so far", "FLOP",
                                        "training FLOPs spent from the start of the run to the end of the epoch (cumulative); "
                                        "NaN where not recorded")
     meta_flops = [read_meta(run).get("training_flops") for run in runs]
@@ -120,17 +147,4 @@ def metrics_dataset(runs: Sequence[RunDir], names: Sequence[str]) -> xr.Dataset:
         variables["training_flops"] = described(
             np.array([float(f) if isinstance(f, (int, float)) else np.nan for f in meta_flops]), ("run",),
             "training FLOPs", "FLOP", "total training FLOPs of the run as recorded in meta.json; NaN where not recorded")
-    coords = {
-        "run": list(names), "cycle": np.array(grid.cycles, dtype=np.int64), "epoch": np.array(grid.epochs, dtype=np.int64),
-        "split": grid.splits, "metric": grid.metrics,
-        "method": ("run", [read_config(run).run.method for run in runs]),
-        "sparsity": (("run", "cycle"), grid.cycle_sparsity()),
-        "lr": (cube, grid.special["lr"]), "step": (cube, grid.step),
-    }
-    ds = xr.Dataset(variables, coords=coords)
-    ds["lr"].attrs.update(long_name="learning rate", units="1",
-                          description="lr of the epoch's last step, as training recorded it (epoch 0: before any step)")
-    ds["sparsity"].attrs.update(long_name="sparsity", units="1", description="sparsity at the cycle's last recorded epoch")
-    ds["step"].attrs.update(long_name="global step", units="1",
-                            description="optimizer steps taken when the row was recorded; -1 where absent")
-    return ds
+    return variables

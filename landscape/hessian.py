@@ -22,7 +22,7 @@ subsets or models recompute them batch by batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -85,8 +85,9 @@ class HessianOperator:
     per-sample sum and the product does not depend on how the subset is batched."""
 
     def __init__(self, model: nn.Module, batches: Sequence[Batch], mask: Mapping[str, torch.Tensor] | None = None,
-                 graph_budget: int = GRAPH_BUDGET_BYTES):
+                 graph_budget: int = GRAPH_BUDGET_BYTES, on_product: Callable[[], None] | None = None):
         self.model = model.eval()
+        self.on_product = on_product  # called after every product: progress bars count them
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
@@ -135,6 +136,8 @@ class HessianOperator:
                 for acc, hv in zip(total, torch.autograd.grad(grad_dot_v, self.params, retain_graph=self.keep_graphs)):
                     acc.add_(hv)
         self.hvp_count += 1
+        if self.on_product is not None:
+            self.on_product()
         return self.compress(total)
 
     def _batch_gradients(self) -> Iterator[tuple[torch.Tensor, ...]]:

@@ -23,7 +23,7 @@ and is accepted as its alias; the mode is recorded as "interpolate".
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -34,57 +34,7 @@ from sparse_training.checkpoint import Checkpoint
 from sparse_training.errors import SparseTrainingError, UserError
 
 from . import vectors
-
-BN_MODES = ("recompute", "interpolate")
-BN_ALIASES = {"none": "interpolate"}
-SPLITS = ("train", "test")
-DEFAULT_EVAL_BATCH_SIZE = 1024
-MAX_POINTS = 10_001  # more is a typo, not a finer path (the grid would not fit in memory long before)
-MAX_COUNT = 2**31 - 1  # batch sizes and counts beyond this overflow torch's index types
-
-
-@dataclass(frozen=True)
-class PathSettings:
-    """Everything that determines the numbers of a path; stored in the dataset's settings and
-    compared when deciding whether an already-computed pair can be reused."""
-
-    points: int = 11
-    splits: tuple[str, ...] = SPLITS
-    bn: str = "recompute"
-    bn_batches: int = 20
-    samples: int | None = None  # evaluate on a fixed seeded subset of this size (None: all)
-    seed: int = 0  # of the subset and the order of the BatchNorm batches
-    batch_size: int = DEFAULT_EVAL_BATCH_SIZE
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "bn", BN_ALIASES.get(self.bn, self.bn))
-        object.__setattr__(self, "splits", tuple(s for s in SPLITS if s in self.splits))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "splits": list(self.splits), "bn_augment": False}
-
-
-def validated(settings: PathSettings) -> PathSettings:
-    """`settings`, or a one-line UserError naming the bad value."""
-    if not 2 <= settings.points <= MAX_POINTS:
-        raise UserError(f"--points must be at least 2 (the two endpoints) and at most {MAX_POINTS}, got {settings.points}")
-    if settings.bn not in BN_MODES:
-        raise UserError(f"unknown --bn mode {settings.bn!r}; choose recompute, interpolate or none")
-    if not settings.splits:
-        raise UserError("--split needs at least one of train, test")
-    for name in ("bn_batches", "batch_size", "samples"):
-        value = getattr(settings, name)
-        if value is not None and not 1 <= value <= MAX_COUNT:
-            raise UserError(f"--{name.replace('_', '-')} must be 1 to {MAX_COUNT}, got {value}")
-    return settings
-
-
-def parse_splits(text: str) -> tuple[str, ...]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in names if s not in SPLITS]
-    if unknown or not names:
-        raise UserError(f"--split takes train, test or train,test; got {text!r}")
-    return tuple(names)
+from .settings import PathSettings
 
 
 def alpha_grid(points: int) -> np.ndarray:

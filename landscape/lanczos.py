@@ -1,6 +1,6 @@
 """Top eigenvalues by Lanczos, and the spectral density by stochastic Lanczos quadrature.
 
-Why an own Lanczos loop (DESIGN.md, "Sharpness"): scipy's `eigsh` (ARPACK) always spends at
+Why an own Lanczos loop (README, "Sharpness"): scipy's `eigsh` (ARPACK) always spends at
 least `ncv` (20) HVPs even when the top eigenvalue is well separated. This loop keeps every
 Krylov vector (full reorthogonalisation, twice), solves the small tridiagonal problem with
 `scipy.linalg.eigh_tridiagonal` after every HVP and stops as soon as the top-k Ritz

@@ -20,7 +20,8 @@ for that. A fraction over an empty set (a layer both masks prune entirely) is Na
 
 from __future__ import annotations
 
-from typing import Mapping
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,8 +29,13 @@ import xarray as xr
 
 from sparse_training.errors import UserError
 
-from .store import described
+from .inputs import (Input, LoadOptions, checkpoint_input, checkpoint_labels, common_run, loader, method_of, output,
+                     run_dir)
+from .results import AnalysisResult, update_whole
+from .settings import OverlapSettings
+from .store import described, provenance
 
+ANALYSIS = "overlap"
 Mask = Mapping[str, torch.Tensor]
 
 
@@ -149,3 +155,50 @@ def overlap_dataset(labels: list[str], masks: list[Mask]) -> xr.Dataset:
     variables.update({f"{name}_total": _variable(name, values, ("mask_a", "mask_b"), True) for name, values in totals.items()})
     variables["layer_size"] = described(size, ("layer",), "layer size", "1", "n: number of weights in the layer")
     return xr.Dataset(variables, coords={"mask_a": list(labels), "mask_b": list(labels), "layer": layers})
+
+
+# ---------------------------------------------------------------- the analysis
+
+def overlap(inputs: Sequence[str | Path], settings: OverlapSettings, *, out: str | Path | None = None,
+            overwrite: bool = False, allow_incomplete: bool = False, options: LoadOptions = LoadOptions(),
+            log: Callable[[str], None] = lambda message: None) -> AnalysisResult:
+    """Pairwise overlap of the masks of `inputs` (runs, RUN@LABEL, files), or of every cycle of
+    one run with `settings.across_cycles`, into `out`, by default RUN/analysis/overlap.nc
+    (beside the first file for files outside any run). Recomputed unless the file holds the
+    same masks."""
+    labels, resolved = _masks(inputs, settings, allow_incomplete)
+    run, path = common_run(resolved), output(out, ANALYSIS, resolved)
+    paths = [one.path for one in resolved]
+    attrs = provenance(paths, {"masks": labels}, run.path if run is not None else path.parent, ANALYSIS)
+
+    def compute() -> xr.Dataset:
+        load, masks = loader(options), []
+        for label, checkpoint_path in zip(labels, paths):
+            ckpt = load(checkpoint_path)
+            if masks:
+                require_same_layout(masks[0], ckpt.masks, labels[0], label)
+            if all(bool(m.all()) for m in ckpt.masks.values()):
+                log(f"note: {label} has no pruned weights (dense): its mask is all ones")
+            masks.append(ckpt.masks)
+        return overlap_dataset(labels, masks).assign_coords(run=run.name if run is not None else "",
+                                                            method=method_of(run))
+
+    return update_whole(path, ANALYSIS, labels, compute, attrs, overwrite=overwrite, log=log)
+
+
+def _masks(inputs: Sequence[str | Path], settings: OverlapSettings,
+           allow_incomplete: bool) -> tuple[list[str], list[Input]]:
+    """The masks' labels and the inputs they come from."""
+    if not settings.across_cycles:
+        if len(inputs) < 2:
+            raise UserError("pass two or more runs or checkpoints (RUN, RUN@cycle_002, FILE.pt), or one run with "
+                            "--across-cycles")
+        resolved = [checkpoint_input(arg, allow_incomplete) for arg in inputs]
+        return checkpoint_labels(resolved, inputs), resolved
+    if len(inputs) != 1:
+        raise UserError("--across-cycles takes exactly one run directory")
+    run = run_dir(inputs[0], allow_incomplete, "--across-cycles takes one run directory")
+    labels = run.cycle_labels()
+    if len(labels) < 2:
+        raise UserError(f"run {run.path} has {len(labels)} cycle checkpoint(s); --across-cycles needs two or more")
+    return labels, [Input(run, run.checkpoint(label)) for label in labels]

@@ -39,6 +39,8 @@ def pyhessian_top(op: HessianOperator, k: int, tol: float, max_hvp: int, seed: i
             _, hv = super().dataloader_hv_product(v)
             hv = op.expand(op.compress(hv))
             counts.append(1)
+            if op.on_product is not None:  # PyHessian's own products bypass op.matvec
+                op.on_product()
             return group_product(hv, v).cpu().item(), hv
 
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():

@@ -2,137 +2,91 @@
 dataset: top-k eigenvalues with their residuals and HVP counts, optionally the Hutchinson
 trace and the spectral density.
 
-Checkpoints already in the output file with the same settings are skipped. After each
-checkpoint the file is re-read, extended and rewritten atomically under `store.locked`, so an
-interrupted run keeps what it finished and two analyses of the same run do not lose each
-other's results."""
+`results.update_labels` keeps the file: checkpoints already there with the same settings (and
+the same evaluation subset) are skipped, each other one is added and the file rewritten
+atomically, so an interrupted run keeps what it finished."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 import xarray as xr
 
-from sparse_training.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoints
-from sparse_training.rundir import RunDir
-from sparse_training.config import DataConfig
+from sparse_training.checkpoint import Checkpoint, resolve_checkpoints
 from sparse_training.errors import UserError
 from sparse_training.masks import kept_count
+from sparse_training.rundir import analysis_output
 
-from . import store
 from .hessian import Eigenpairs, HessianOperator, hutchinson_trace
+from .inputs import LoadOptions, load
 from .lanczos import lanczos_top, slq_nodes
 from .power import power_top
+from .results import AnalysisResult, Progress, update_labels
+from .settings import DEFAULT_SAMPLES, SharpnessSettings
 from .sharpness_dataset import ANALYSIS, Record, build, records_of
 
-BACKEND_NAMES = ("lanczos", "power", "pyhessian")
-SUBSPACES = ("masked", "full")
-DEFAULT_SAMPLES = 4096
-DEFAULT_BATCH_SIZE = 1024
-
-
-@dataclass(frozen=True)
-class SharpnessSettings:
-    """What defines the result (batch size and device do not: the products are the same)."""
-
-    top_k: int = 1
-    trace: bool = False
-    density: bool = False
-    samples: int | None = None  # None: min(DEFAULT_SAMPLES, training samples)
-    subspace: str = "masked"
-    backend: str = "lanczos"
-    tol: float = 1e-3  # relative residual of each eigenvalue, a bound on its relative error
-    trace_tol: float = 0.05  # standard error of the trace relative to its magnitude
-    max_hvp: int = 100  # per eigenvalue; the trace's probe limit
-    seed: int = 0
-    density_steps: int = 100
-    density_runs: int = 1
-
-    def validated(self) -> SharpnessSettings:
-        checks = [
-            (self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}"),
-            (self.samples is None or self.samples >= 1, f"--samples must be at least 1, got {self.samples}"),
-            (self.subspace in SUBSPACES, f"--subspace must be masked or full, got {self.subspace!r}"),
-            (self.backend in BACKEND_NAMES, f"--backend must be one of {', '.join(BACKEND_NAMES)}, got {self.backend!r}"),
-            (0 < self.tol < 1, f"--tol must be in (0, 1), got {self.tol}"),
-            (0 < self.trace_tol < 1, f"--trace-tol must be in (0, 1), got {self.trace_tol}"),
-            (self.max_hvp >= 2, f"--max-hvp must be at least 2, got {self.max_hvp}"),
-            (self.density_steps >= 2 and self.density_runs >= 1, "density needs at least 2 Lanczos steps and 1 run"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-        return self
-
-
-@dataclass
-class Report:
-    path: Path
-    dataset: xr.Dataset
-    computed: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-
-
-def output_path(run: RunDir | None, checkpoint: Path, out: str | Path | None) -> Path:
-    """--out, else RUN/analysis/sharpness.nc, else <stem>.sharpness.nc next to a lone file."""
-    if out is not None:
-        return Path(out)
-    if run is not None:
-        return run.analysis_file(ANALYSIS)
-    return checkpoint.with_name(f"{checkpoint.stem}.{ANALYSIS}.nc")
-
-
 def sharpness(
-    path: str | Path, settings: SharpnessSettings, *, labels: list[str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-    device: str = "cpu", overwrite: bool = False, allow_incomplete: bool = False, out: str | Path | None = None,
-    model: str | None = None, model_kwargs: dict[str, Any] | None = None, data: str | None = None,
-    log: Callable[[str], None] = lambda message: None,
-) -> Report:
-    """Analyse the checkpoints of `path` (a run directory, or one checkpoint file)."""
+    path: str | Path, settings: SharpnessSettings, *, labels: list[str] | None = None, out: str | Path | None = None,
+    overwrite: bool = False, allow_incomplete: bool = False, device: str = "cpu", options: LoadOptions = LoadOptions(),
+    progress: Progress | None = None, log: Callable[[str], None] = lambda message: None,
+) -> AnalysisResult:
+    """Analyse the checkpoints of `path` (a run directory, or one checkpoint file) into `out`,
+    by default RUN/analysis/sharpness.nc, or <stem>.sharpness.nc beside a file outside any run."""
     settings = settings.validated()
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     run, paths = resolve_checkpoints(path, labels, allow_incomplete)
-    target = output_path(run, paths[0], out)
+    target = Path(out) if out is not None else analysis_output(ANALYSIS, run, paths)
     base = run.path if run is not None else target.parent
-    existing = store.read_dataset(target) if target.exists() else None
-    report = Report(path=target, dataset=xr.Dataset())
-    loaded: dict[DataConfig, Any] = {}
-    for checkpoint_path in paths:
-        label = checkpoint_path.stem
-        ckpt = load_checkpoint(checkpoint_path, model=model, model_kwargs=model_kwargs, data=data)
-        data_set = _data_for(ckpt, loaded, device)
-        resolved = _resolve_samples(settings, ckpt, data_set)
-        subset = data_set.subset_indices("train", resolved.samples, resolved.seed)
-        compatible = existing is not None and _same(existing, resolved, subset)
-        if existing is not None and not compatible and not overwrite:
-            raise UserError(f"{target} holds results computed with other settings; pass --overwrite to replace it, "
-                            "or --out FILE to write elsewhere")
-        if compatible and not overwrite and label in existing["checkpoint"].values.tolist():
-            report.skipped.append(label)
-            continue
-        log(f"sharpness: {label} ({resolved.backend}, top-{resolved.top_k}, {resolved.samples} samples, "
-            f"{resolved.subspace} subspace)")
-        record = analyse(ckpt, data_set, subset, resolved, batch_size, device, _relative(checkpoint_path, base), log)
-        report.dataset = _merge(target, record, resolved, subset, run, ckpt, base, overwrite)
-        report.computed.append(label)
-    if not report.computed:
-        report.dataset = existing
-    return report
+    first = load(paths[0], options)
+    data_set = _data_for(first, device)
+    settings = _resolve_samples(settings, first, data_set)
+    subset = data_set.subset_indices("train", settings.samples, settings.seed)
+    by_label = {p.stem: p for p in paths}
+
+    def prepare(todo: list[str]) -> Callable[[str], tuple[Record, str]]:
+        budget = settings.max_products()
+        if progress is not None:
+            progress.total = len(todo) * budget
+
+        def compute(label: str) -> tuple[Record, str]:
+            ckpt = first if by_label[label] == paths[0] else load(by_label[label], options)
+            if ckpt.data != first.data:
+                raise UserError(f"{ckpt.path} was trained on other data than {first.path}; analyse it into "
+                                "another --out")
+            log(f"sharpness: {label} ({settings.backend}, top-{settings.top_k}, {settings.samples} samples, "
+                f"{settings.subspace} subspace)")
+            spent = 0
+
+            def product() -> None:
+                nonlocal spent
+                spent += 1
+                progress.update(1)
+
+            record = analyse(ckpt, data_set, subset, settings, device, _relative(ckpt.path, base), log,
+                             product if progress is not None else None)
+            if progress is not None:  # the budget is an upper bound: the bar ends where the work does
+                progress.total -= budget - spent
+            return record, ckpt.method or ""
+
+        return compute
+
+    def merge(ds: xr.Dataset | None, part: tuple[Record, str]) -> xr.Dataset:
+        record, method = part
+        records = [r for r in records_of(ds) if r.label != record.label] if ds is not None else []
+        return build(records + [record], settings.as_dict(), subset.numpy(), run.path.name if run else "", method, base)
+
+    return update_labels(target, ANALYSIS, list(by_label), prepare, merge, dim="checkpoint", settings=settings.as_dict(),
+                         check=lambda ds: _other_subset(ds, subset), overwrite=overwrite)
 
 
-def _same(ds: xr.Dataset, settings: SharpnessSettings, subset: torch.Tensor) -> bool:
-    """Whether `ds` was computed with these settings on this very subset."""
-    return (store.settings_of(ds) == _settings_dict(settings) and "subset_index" in ds
-            and np.array_equal(ds["subset_index"].values, subset.numpy()))
-
-
-def _settings_dict(settings: SharpnessSettings) -> dict[str, Any]:
-    return asdict(settings)
+def _other_subset(ds: xr.Dataset, subset: torch.Tensor) -> str | None:
+    """Why `ds` was not computed on this very evaluation subset, or None."""
+    if "subset_index" in ds and np.array_equal(ds["subset_index"].values, subset.numpy()):
+        return None
+    return "another evaluation subset: other --samples, --seed or training data"
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -142,14 +96,12 @@ def _relative(path: Path, base: Path) -> str:
         return str(path.resolve())
 
 
-def _data_for(ckpt: Checkpoint, loaded: dict, device: str):
+def _data_for(ckpt: Checkpoint, device: str):
     from sparse_training.data import load_data
 
     if ckpt.data is None:
         raise UserError(f"{ckpt.path} records no data set; say which with --data NAME")
-    if ckpt.data not in loaded:
-        loaded[ckpt.data] = load_data(ckpt.data, device)
-    return loaded[ckpt.data]
+    return load_data(ckpt.data, device)
 
 
 def _resolve_samples(settings: SharpnessSettings, ckpt: Checkpoint, data_set) -> SharpnessSettings:
@@ -162,13 +114,15 @@ def _resolve_samples(settings: SharpnessSettings, ckpt: Checkpoint, data_set) ->
     return settings
 
 
-def analyse(ckpt: Checkpoint, data_set, subset: torch.Tensor, settings: SharpnessSettings, batch_size: int, device: str,
-            relative_path: str, log: Callable[[str], None]) -> Record:
-    """Eigenvalues (and trace, density) of one checkpoint."""
+def analyse(ckpt: Checkpoint, data_set, subset: torch.Tensor, settings: SharpnessSettings, device: str,
+            relative_path: str, log: Callable[[str], None], on_product: Callable[[], None] | None = None) -> Record:
+    """Eigenvalues (and trace, density) of one checkpoint; `on_product` is called after every
+    Hessian-vector product."""
     label = ckpt.path.stem
     model = ckpt.build_model(device)
-    batches = [(x.to(device), y.to(device)) for x, y in data_set.eval_batches("train", batch_size, indices=subset)]
-    op = operator_for(ckpt, model, batches, settings)
+    batches = [(x.to(device), y.to(device))
+               for x, y in data_set.eval_batches("train", settings.batch_size, indices=subset)]
+    op = operator_for(ckpt, model, batches, settings, on_product)
     loss = op.loss()
     if not np.isfinite(loss):
         raise UserError(f"the loss of {ckpt.path} is {loss} on the evaluation subset: the network diverged; "
@@ -204,13 +158,14 @@ def analyse(ckpt: Checkpoint, data_set, subset: torch.Tensor, settings: Sharpnes
     )
 
 
-def operator_for(ckpt: Checkpoint, model: torch.nn.Module, batches, settings: SharpnessSettings) -> HessianOperator:
+def operator_for(ckpt: Checkpoint, model: torch.nn.Module, batches, settings: SharpnessSettings,
+                 on_product: Callable[[], None] | None = None) -> HessianOperator:
     if settings.subspace == "full":
-        return HessianOperator(model, batches)
+        return HessianOperator(model, batches, on_product=on_product)
     if kept_count(ckpt.masks) == 0:
         raise UserError(f"{ckpt.path} keeps no prunable weight (sparsity 1.0): its masked Hessian is empty; "
                         "pass --subspace full or leave it out with --checkpoints")
-    return HessianOperator(model, batches, ckpt.masks)
+    return HessianOperator(model, batches, ckpt.masks, on_product=on_product)
 
 
 def eigenpairs(op: HessianOperator, settings: SharpnessSettings) -> Eigenpairs:
@@ -219,22 +174,3 @@ def eigenpairs(op: HessianOperator, settings: SharpnessSettings) -> Eigenpairs:
     else:
         solve = power_top if settings.backend == "power" else lanczos_top
     return solve(op, settings.top_k, settings.tol, settings.max_hvp, settings.seed)
-
-
-def _merge(target: Path, record: Record, settings: SharpnessSettings, subset: torch.Tensor, run: RunDir | None,
-           ckpt: Checkpoint, base: Path, overwrite: bool) -> xr.Dataset:
-    """Add `record` to the file at `target`, replacing an older result for the same label;
-    a file with other settings is replaced only with `overwrite`."""
-    with store.locked(target):
-        records: list[Record] = []
-        if target.exists():
-            current = store.read_dataset(target)
-            if _same(current, settings, subset):
-                records = [r for r in records_of(current) if r.label != record.label]
-            elif not overwrite:
-                raise UserError(f"{target} was rewritten with other settings meanwhile; pass --overwrite to replace it, "
-                                "or --out FILE to write elsewhere")
-        ds = build(records + [record], _settings_dict(settings), subset.numpy(), run.path.name if run else "",
-                   ckpt.method or "", base)
-        store.write_dataset(ds, target)
-    return ds

@@ -22,18 +22,24 @@ each cycle: cycle_000's previous is the rewind point when the run has one, else 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import xarray as xr
 
+from sparse_training.checkpoint import Checkpoint
 from sparse_training.errors import UserError
 
+from .inputs import (Input, LoadOptions, checkpoint_input, checkpoint_labels, common_run, loader, method_of, output,
+                     run_dir)
 from .overlap import require_same_layout, safe_ratio
-from .store import described
+from .results import AnalysisResult, merge_along, update_labels
+from .settings import REFERENCES, SignsSettings
+from .store import described, provenance, settings_json
 
-REFERENCES = ("init", "rewind", "previous")
+ANALYSIS = "signs"
 COUNTS = ("kept_both", "flipped", "matched", "zero_valued", "kept")
 
 
@@ -136,15 +142,63 @@ def merge_signs(existing: xr.Dataset, new: xr.Dataset) -> xr.Dataset:
     if list(existing.layer.values) != list(new.layer.values):
         raise UserError("the existing sign-flip dataset covers other layers (another architecture); "
                         "pass --overwrite to replace it, or --out for another file")
-    # A dataset read from disk keeps its on-disk encoding (fixed-width string dtypes): dropped,
-    # or longer labels of the new pairs would be truncated when the merge is written.
-    kept = existing.drop_encoding().drop_sel(pair=[p for p in new.pair.values if p in set(existing.pair.values)])
-    scalars = {name: str(new[name].values) if str(existing[name].values) == str(new[name].values) else ""
-               for name in ("run", "method")}
-    merged = xr.concat([kept.drop_vars(list(scalars)), new.drop_vars(list(scalars))], dim="pair", data_vars="all",
-                       coords="different", compat="equals", join="exact")
-    for name in merged.data_vars:
-        merged[name].attrs = dict(new[name].attrs)
-        if merged[name].dtype.kind == "f" and not np.isfinite(merged[name].values).all():
-            merged[name].attrs["allow_nan"] = 1
-    return merged.assign_coords(scalars)
+    return merge_along(existing, new, "pair")
+
+
+# ---------------------------------------------------------------- the analysis
+
+Wanted = tuple[Path, Path, str, str]  # reference file, checkpoint file, their labels
+
+
+def signs(
+    inputs: Sequence[str | Path], settings: SignsSettings, *, out: str | Path | None = None, overwrite: bool = False,
+    allow_incomplete: bool = False, options: LoadOptions = LoadOptions(),
+) -> AnalysisResult:
+    """Sign flips of one run's cycles against `settings.reference`, or between two checkpoints
+    (the first one the reference), into `out`, by default RUN/analysis/signs.nc (beside the
+    first file for files outside any run). Pairs already there are reused."""
+    wanted, resolved = _wanted(inputs, settings, allow_incomplete)
+    run, path = common_run(resolved), output(out, ANALYSIS, resolved)
+    base, by_label = run.path if run is not None else path.parent, {f"{w[2]}..{w[3]}": w for w in wanted}
+    run_name, method = run.name if run is not None else "", method_of(run)
+
+    def prepare(todo: list[str]) -> Callable[[str], xr.Dataset]:
+        load = loader(options)  # every pair is counted before anything is written: they are cheap
+        return {label: _pair_dataset(load, by_label[label], run_name, method, base) for label in todo}.__getitem__
+
+    def merge(ds: xr.Dataset | None, new: xr.Dataset) -> xr.Dataset:
+        merged = new if ds is None else merge_signs(ds, new)
+        merged.attrs["settings"] = settings_json({"pairs": [str(p) for p in merged.pair.values]})
+        return merged
+
+    return update_labels(path, ANALYSIS, list(by_label), prepare, merge, dim="pair", overwrite=overwrite)
+
+
+def _wanted(inputs: Sequence[str | Path], settings: SignsSettings,
+            allow_incomplete: bool) -> tuple[list[Wanted], list[Input]]:
+    """The pairs to compare, and the inputs they come from."""
+    if len(inputs) == 1:
+        run = run_dir(inputs[0], allow_incomplete, "`landscape signs` takes one run, or two checkpoints (reference first)")
+        pairs = reference_pairs(run.checkpoint_labels(), settings.reference or "init", str(run.path))
+        wanted = [(run.checkpoint(r), run.checkpoint(c), r, c) for r, c in pairs]
+        return wanted, [Input(run, w[1]) for w in wanted]
+    if len(inputs) != 2:
+        raise UserError(f"got {len(inputs)} inputs; pass one run directory, or two checkpoints (reference first)")
+    if settings.reference is not None:
+        raise UserError("--reference applies to one run; with two checkpoints the first one is the reference")
+    resolved = [checkpoint_input(arg, allow_incomplete) for arg in inputs]
+    labels = checkpoint_labels(resolved, inputs)
+    return [(resolved[0].path, resolved[1].path, labels[0], labels[1])], resolved
+
+
+def _pair_dataset(load: Callable[[Path], Checkpoint], wanted: Wanted, run: str, method: str, base: Path) -> xr.Dataset:
+    """The (pair=1, layer) dataset of one compared pair, with its provenance."""
+    reference_path, checkpoint_path, reference_label, checkpoint_label = wanted
+    reference, ckpt = load(reference_path), load(checkpoint_path)
+    require_same_layout(reference.state_dict, ckpt.state_dict, reference_label, checkpoint_label)
+    counts = sign_counts(reference.state_dict, ckpt.state_dict, reference.masks, ckpt.masks)
+    pair = SignPair(reference_label, checkpoint_label, -1 if ckpt.cycle is None else int(ckpt.cycle), counts)
+    ds = signs_dataset([pair], run, method)
+    ds.attrs = provenance(list(dict.fromkeys([reference_path, checkpoint_path])), {"pairs": [pair.label]}, base,
+                          ANALYSIS)
+    return ds

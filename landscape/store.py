@@ -62,10 +62,15 @@ def provenance(inputs: list[str | Path], settings: Mapping[str, Any], base: str 
     return {
         "analysis": analysis,
         "inputs": json.dumps([rel(p) for p in inputs]),
-        "settings": json.dumps(dict(settings), sort_keys=True, default=str),
+        "settings": settings_json(settings),
         "package_version": __version__,
         "command": " ".join(["landscape"] + sys.argv[1:]) if sys.argv else "",
     }
+
+
+def settings_json(settings: Mapping[str, Any]) -> str:
+    """The settings attr: JSON with sorted keys, what `settings_of` reads back."""
+    return json.dumps(dict(settings), sort_keys=True, default=str)
 
 
 def _sanitise(value: Any) -> Any:

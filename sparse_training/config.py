@@ -21,8 +21,6 @@ from .errors import UserError
 SCHEMA_VERSION = 1
 MAX_CYCLES = 1000  # more is a typo (or a prune-fraction near 0), not a plan: the plan is built up front
 
-METHODS = ("dense", "pai", "pai-cyclic", "imp", "lrr", "sculpt", "transfer", "gmp", "rigl")
-PRUNERS = ("random", "magnitude", "snip", "synflow", "grasp")
 ALLOCATIONS = ("global", "uniform", "erk", "er-balanced")
 SCHEDULES = ("triangular", "step", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -41,12 +39,18 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | N
     return field(default=default, metadata=metadata)
 
 
+# The registries import torch: read only when a choice list is needed (`landscape train
+# --help`, resolving a config), never when the config module is imported.
 def _pruner_names() -> Sequence[str]:
-    return PRUNERS
+    from .pruners import names
+
+    return names()
 
 
 def _method_names() -> Sequence[str]:
-    return METHODS
+    from .methods import names
+
+    return names()
 
 
 @dataclass(frozen=True)
@@ -238,74 +242,43 @@ def merge(raw: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str
     return merged
 
 
-def _check(condition: bool, message: str) -> None:
+def check(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
 
 
 def resolve(config: Config) -> Config:
-    """Fill method-dependent defaults and check every value; raise UserError on the first problem."""
+    """Fill method-dependent defaults and check every value; raise UserError on the first
+    problem. The method checks the settings it reads (`Method.validate`)."""
+    from . import methods, pruners
+
     run, prune, optim = config.run, config.prune, config.optim
-    _check(run.method in METHODS, f"unknown method {run.method!r}; choose one of {', '.join(METHODS)}")
-    _check(prune.pruner in PRUNERS, f"unknown pruner {prune.pruner!r}; choose one of {', '.join(PRUNERS)}")
-    _check(optim.schedule in SCHEDULES, f"unknown schedule {optim.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    _check(optim.optimizer in OPTIMIZERS, f"unknown optimizer {optim.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    _check(0.0 <= prune.sparsity < 1.0, f"sparsity must be in [0, 1), got {prune.sparsity}")
-    _check(run.epochs >= 1, f"epochs must be at least 1, got {run.epochs}")
-    _check(run.cycles >= 1, f"cycles must be at least 1, got {run.cycles}")
-    _check(0 < optim.lr < math.inf, f"lr must be a positive number, got {optim.lr}")
-    _check(0.0 <= optim.momentum < 1.0, f"momentum must be in [0, 1), got {optim.momentum}")
-    _check(0.0 <= optim.weight_decay < math.inf, f"weight-decay must be a number >= 0, got {optim.weight_decay}")
-    _check(0.0 <= optim.warmup_start <= 1.0, f"warmup-start must be in [0, 1], got {optim.warmup_start}")
-    _check(0.0 < optim.gamma < math.inf, f"gamma must be a positive number, got {optim.gamma}")
-    _check(all(0.0 < m < 1.0 for m in optim.milestones), f"milestones must lie in (0, 1), got {list(optim.milestones)}")
-    _check(0 <= run.seed < 2**63 and 0 <= config.data.seed < 2**63, "seeds must be integers in [0, 2**63)")
-    _check(config.data.num_workers >= 0, f"num-workers must be >= 0, got {config.data.num_workers}")
-    _check(optim.batch_size >= 1 and optim.eval_batch_size >= 1, "batch sizes must be at least 1")
-    _check(0.0 <= optim.warmup_fraction < 1.0, f"warmup-fraction must be in [0, 1), got {optim.warmup_fraction}")
-    _check(run.save_every >= 0, "save-every must be >= 0")
-    # gmp prunes by magnitude as imp/lrr do (global); a random prune-at-init mask is ERK.
-    allocation = prune.allocation or ("erk" if prune.pruner == "random" and run.method != "gmp" else "global")
-    _check(allocation in ALLOCATIONS, f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
-    if run.method == "dense":
-        _check(prune.sparsity == 0.0, "method dense trains no mask; drop --sparsity or choose a pruning method")
-    elif run.method != "transfer":
-        _check(prune.sparsity > 0.0, f"method {run.method} needs --sparsity > 0")
-    _check(run.cycles <= MAX_CYCLES, f"cycles must be at most {MAX_CYCLES}, got {run.cycles}")
-    if run.method in ("imp", "lrr"):
-        _check(0.0 < prune.prune_fraction < 1.0, f"prune-fraction must be in (0, 1), got {prune.prune_fraction}")
-        levels = math.log1p(-prune.sparsity) / math.log1p(-prune.prune_fraction)
-        _check(levels <= MAX_CYCLES, f"pruning {prune.prune_fraction:g} of the weights per cycle needs {levels:.3g} "
-                                     f"cycles to reach sparsity {prune.sparsity}; at most {MAX_CYCLES} are allowed, "
-                                     "raise --prune-fraction")
-    if run.method == "imp":
-        _check(0 <= prune.rewind_epoch <= run.epochs,
-               f"rewind-epoch {prune.rewind_epoch} is beyond the cycle of {run.epochs} epochs; choose 0..{run.epochs}")
-    if run.method == "sculpt":
-        _check(0.0 < prune.initial_sparsity < 1.0, f"initial-sparsity must be in (0, 1), got {prune.initial_sparsity}")
-        _check(prune.sparsity > prune.initial_sparsity,
-               f"sparsity {prune.sparsity} must be higher than initial-sparsity {prune.initial_sparsity}")
-    sources = {"mask-from": prune.mask_from, "weights-from": prune.weights_from, "signs-from": prune.signs_from}
-    if run.method == "transfer":
-        _check(prune.mask_from is not None, "method transfer needs --mask-from CKPT")
-        _check(prune.sparsity == 0.0, "method transfer takes its sparsity from --mask-from; drop --sparsity")
-    else:
-        given = [f"--{flag}" for flag, value in sources.items() if value is not None]
-        _check(not given, f"{', '.join(given)} belong(s) to method transfer; add --method transfer or drop them")
-    if run.method in ("gmp", "rigl"):
-        _check(prune.update_every >= 1, "update-every must be at least 1")
-        _check(0.0 <= prune.update_start < prune.update_end <= 1.0, "need 0 <= update-start < update-end <= 1")
-    if run.method == "rigl":
-        _check(0.0 < prune.rigl_fraction < 1.0, f"rigl-fraction must be in (0, 1), got {prune.rigl_fraction}")
-    _check(prune.synflow_rounds >= 1 and prune.score_batches >= 1, "synflow-rounds and score-batches must be >= 1")
-    _check(0.0 < prune.grasp_temperature < math.inf, f"grasp-temperature must be a positive number, got {prune.grasp_temperature}")
-    config = config.replace("prune", allocation=allocation)
-    if run.method == "transfer":
-        # Absolute source paths, so that --resume works from any directory.
-        config = config.replace("prune", mask_from=_absolute(prune.mask_from), signs_from=_absolute(prune.signs_from),
-                                weights_from=_absolute(prune.weights_from or "random"))
-    return config
-
-
-def _absolute(path: str | None) -> str | None:
-    return path if path in (None, "random") else str(Path(path).expanduser().absolute())
+    method = methods.get(run.method)
+    pruners.get(prune.pruner)
+    check(optim.schedule in SCHEDULES, f"unknown schedule {optim.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    check(optim.optimizer in OPTIMIZERS, f"unknown optimizer {optim.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    check(0.0 <= prune.sparsity < 1.0, f"sparsity must be in [0, 1), got {prune.sparsity}")
+    check(run.epochs >= 1, f"epochs must be at least 1, got {run.epochs}")
+    check(run.cycles >= 1, f"cycles must be at least 1, got {run.cycles}")
+    check(0 < optim.lr < math.inf, f"lr must be a positive number, got {optim.lr}")
+    check(0.0 <= optim.momentum < 1.0, f"momentum must be in [0, 1), got {optim.momentum}")
+    check(0.0 <= optim.weight_decay < math.inf, f"weight-decay must be a number >= 0, got {optim.weight_decay}")
+    check(0.0 <= optim.warmup_start <= 1.0, f"warmup-start must be in [0, 1], got {optim.warmup_start}")
+    check(0.0 < optim.gamma < math.inf, f"gamma must be a positive number, got {optim.gamma}")
+    check(all(0.0 < m < 1.0 for m in optim.milestones), f"milestones must lie in (0, 1), got {list(optim.milestones)}")
+    check(0 <= run.seed < 2**63 and 0 <= config.data.seed < 2**63, "seeds must be integers in [0, 2**63)")
+    check(config.data.num_workers >= 0, f"num-workers must be >= 0, got {config.data.num_workers}")
+    check(optim.batch_size >= 1 and optim.eval_batch_size >= 1, "batch sizes must be at least 1")
+    check(0.0 <= optim.warmup_fraction < 1.0, f"warmup-fraction must be in [0, 1), got {optim.warmup_fraction}")
+    check(run.save_every >= 0, "save-every must be >= 0")
+    allocation = prune.allocation or method.default_allocation(config)
+    check(allocation in ALLOCATIONS, f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    check(run.cycles <= MAX_CYCLES, f"cycles must be at most {MAX_CYCLES}, got {run.cycles}")
+    for other in methods.METHODS:
+        given = [f"--{name.replace('_', '-')}" for name in other.own_settings if getattr(prune, name) is not None]
+        check(other is method or not given,
+              f"{', '.join(given)} belong(s) to method {other.name}; add --method {other.name} or drop them")
+    method.validate(config)
+    check(prune.synflow_rounds >= 1 and prune.score_batches >= 1, "synflow-rounds and score-batches must be >= 1")
+    check(0.0 < prune.grasp_temperature < math.inf, f"grasp-temperature must be a positive number, got {prune.grasp_temperature}")
+    return method.completed(config.replace("prune", allocation=allocation))

@@ -122,10 +122,18 @@ def torch_load_safe(path: str | Path, what: str = "checkpoint") -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
         text = str(error)
-        if "unsupported global" in text.lower():  # a pickle that names a class or function to call
+        if _is_pickle_or_archive(path):  # well-formed, but holds what weights_only refuses (classes, code)
             raise UserError(f"{path} is refused for safety: it contains objects other than tensors and plain "
                             "Python values, and loading them could run code") from None
         lines = [line.strip() for line in text.strip().splitlines() if line.strip() and "weights_only" not in line]
         reason = next((line for line in lines if line.lower().startswith("unsupported operand")),
                       lines[-1] if lines else type(error).__name__)
         raise UserError(f"{path} is not a readable {what}: not a torch file ({reason[:160]})") from None
+
+
+def _is_pickle_or_archive(path: Path) -> bool:
+    """Whether the file starts like a pickle (protocol 2+) or a torch zip archive, as every
+    torch file does: such a file that weights_only refuses holds objects, not tensors."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"

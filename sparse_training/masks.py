@@ -90,10 +90,6 @@ def apply_mask_(model: nn.Module, mask: Mapping[str, torch.Tensor]) -> None:
             params[name].mul_(m.to(params[name].device, params[name].dtype))
 
 
-def mask_to_device(mask: Mapping[str, torch.Tensor], device: torch.device | str) -> Mask:
-    return {name: m.to(device) for name, m in mask.items()}
-
-
 class MaskedStep:
     """Keeps pruned weights at exactly zero after each optimizer step.
 

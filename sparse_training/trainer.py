@@ -1,5 +1,5 @@
-"""The one training loop. It does no file I/O: procedures drive it cycle by cycle and
-receive every epoch's end (and an interruption) through callbacks."""
+"""The one training loop. It does no file I/O: a RunSession (run/session.py) drives it cycle
+by cycle and receives every epoch's end (and an interruption) through callbacks."""
 
 from __future__ import annotations
 

@@ -1,12 +1,21 @@
 """Small hand-made datasets that follow the analysis schemas exactly (see the schemas in
-DESIGN.md / landscape.store conventions), for drawing figures without training anything."""
+ARCHITECTURE.md / landscape.store conventions), for drawing figures without training anything.
+Like the datasets `landscape plot` draws, they carry the method registry's styles."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import xarray as xr
 
+from landscape.plots import METHOD_STYLES_ATTR
 from landscape.store import describe, provenance
+from sparse_training.methods import style_table
+
+# method -> (colour, marker), as figures draw them
+METHOD_STYLE = {name: (entry["colour"], entry["marker"]) for name, entry in style_table().items()}
+DESCRIBED = {METHOD_STYLES_ATTR: json.dumps(style_table())}
 
 LAYERS = ["features.0.weight", "features.3.weight", "features.6.weight", "head.weight"]
 
@@ -17,7 +26,7 @@ def _var(dims, values, long_name, units, description) -> xr.DataArray:
 
 def _finish(ds: xr.Dataset, analysis: str, run: str, method: str) -> xr.Dataset:
     ds = ds.assign_coords(run=run, method=method)
-    ds.attrs.update(provenance([f"checkpoints/{run}.pt"], {"seed": 0}, analysis=analysis))
+    ds.attrs.update(provenance([f"checkpoints/{run}.pt"], {"seed": 0}, analysis=analysis), **DESCRIBED)
     return ds
 
 
@@ -141,7 +150,7 @@ def overlap(labels=("pai-cyclic/cycle_003", "lrr/cycle_004", "sculpt/cycle_003")
     data["density_a"] = _var(("mask_a", "layer"), np.repeat(np.asarray(densities)[:, None], len(LAYERS), 1), "density of A", "1", "kept fraction")
     data["density_b"] = _var(("mask_b", "layer"), np.repeat(np.asarray(densities)[:, None], len(LAYERS), 1), "density of B", "1", "kept fraction")
     ds = xr.Dataset(data, coords={"mask_a": list(labels), "mask_b": list(labels), "layer": LAYERS})
-    ds.attrs.update(provenance(list(labels), {}, analysis="overlap"))
+    ds.attrs.update(provenance(list(labels), {}, analysis="overlap"), **DESCRIBED)
     return ds
 
 
@@ -184,5 +193,5 @@ def metrics(runs=RUNS, cycles: int = 4, epochs: int = 5, flops: bool = True) -> 
         "method": ("run", [r[1] for r in runs]), "sparsity": (("run", "cycle"), sparsity),
         "lr": (("run", "cycle", "epoch"), lr), "step": (("run", "cycle", "epoch"), step),
     })
-    ds.attrs.update(provenance(names, {}, analysis="metrics"))
+    ds.attrs.update(provenance(names, {}, analysis="metrics"), **DESCRIBED)
     return ds

@@ -23,7 +23,7 @@ CHILD_TIMEOUT = 120  # seconds; a child still running by then is a hang, reporte
 # Imported once by the server and inherited by every child. torch._dynamo is what the first
 # optimizer imports: 1.4 s that every child would otherwise pay again.
 PRELOAD = ("torch", "torch._dynamo", "h5netcdf", "cli.main", "cli.train", "cli.info", "cli.connectivity", "cli.signs",
-           "landscape.connectivity", "landscape.sharpness", "sparse_training.procedures", "sparse_training.data",
+           "cli.sharpness", "cli.overlap", "cli.metrics", "landscape.connectivity", "landscape.sharpness", "sparse_training.procedures", "sparse_training.data",
            "sparse_training.pruners")
 
 

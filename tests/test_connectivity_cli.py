@@ -241,7 +241,7 @@ def test_plain_state_dicts_with_model_and_data(tmp_path):
     assert "--model" in one_line_error(missing)
     options = ("--model", "mlp", "--model-kwargs", '{"hidden_size": 16}', "--data", "synthetic")
     result = landscape_json("barrier", *paths, *FAST, *options)
-    assert result["output"] == str(tmp_path / "barrier_mine_0__mine_1.nc")
+    assert result["output"] == str(tmp_path / "mine_0__mine_1.barrier.nc")
     gaps = result["pairs"]["mine_0..mine_1"]["splits"]["test"]["endpoint_error_gap"]
     assert gaps == {"a": None, "b": None}  # a plain state_dict records no metrics
     ds = store.read_dataset(result["output"])

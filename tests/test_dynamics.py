@@ -16,7 +16,7 @@ from sparse_training.rundir import RunDir
 from sparse_training.config import Config
 from sparse_training.errors import UserError
 
-# The order training writes a block in (sparse_training/procedures.py), plus FLOPs.
+# The order training writes a block in (sparse_training/run/evaluation.py), plus FLOPs.
 BLOCK = [("train", "loss"), ("train", "accuracy"), ("test", "loss"), ("test", "accuracy"),
          ("train", "lr"), ("train", "sparsity"), ("train", "flops")]
 

@@ -12,7 +12,8 @@ from sparse_training.config import Config, OptimConfig, load_toml, merge, resolv
 from sparse_training.errors import UserError
 from sparse_training.masks import (MaskedStep, collapsed_layers, is_subset, layer_sparsity, ones_mask,
                                    prunable_parameters, sparsity, validate_mask)
-from sparse_training.plans import iterative_sparsities, plan_cycles
+from sparse_training.methods import plan_cycles
+from sparse_training.methods.iterative import iterative_sparsities
 from sparse_training.schedules import learning_rate
 
 

@@ -14,8 +14,8 @@ import xarray as xr
 from torch import nn
 
 from landscape.barrier import with_barriers
-from landscape.interpolate import (PathSettings, check_compatible, evaluate_states_path, recompute_bn_statistics,
-                                   validated)
+from landscape.interpolate import PathSettings, check_compatible, evaluate_states_path, recompute_bn_statistics
+from landscape.settings import validated
 from sparse_training.checkpoint import Checkpoint
 from sparse_training.config import DataConfig, ModelConfig
 from sparse_training.data.tensors import TensorData

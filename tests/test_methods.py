@@ -15,11 +15,12 @@ from conftest import run_cli, train_tiny
 from sparse_training.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from sparse_training.rundir import RunDir
 from sparse_training.config import Config, DataConfig, ModelConfig, PruneConfig
-from sparse_training.dynamic import GradualMagnitudePruning, RigL, drop_and_grow
+from sparse_training.methods.dynamic import GradualMagnitudePruning, RigL, drop_and_grow
+from sparse_training.methods.transfer import fresh_initialisation
 from sparse_training.masks import is_subset, kept_count, prunable_parameters, total_count
 from sparse_training.models import build_model
-from sparse_training.procedures import RunSession, UserInterrupted, train_run
-from sparse_training.transfer import fresh_initialisation
+from sparse_training.procedures import UserInterrupted, train_run
+from sparse_training.run.session import RunSession
 from test_train import StopAfter
 
 

@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 import plot_datasets as make
+from plot_datasets import METHOD_STYLE
 from cli.main import cli
 from landscape import plots
-from landscape.plots.style import METHOD_STYLE
 from landscape.store import write_dataset
 
 

@@ -22,13 +22,13 @@ import pytest
 import torch
 import xarray as xr
 
-import sparse_training.checkpoint as checkpoint_module
+import sparse_training.records as records_module
 from conftest import run_cli
 from landscape import store
 from reliability_harness import assert_every_file_complete, finish, landscape, start
 from sparse_training.checkpoint import load_checkpoint
 from sparse_training.rundir import RunDir
-from sparse_training.procedures import RunSession
+from sparse_training.run.session import RunSession
 
 TINY = ["--data", "synthetic", "--model", "resnet1d", "--model-kwargs", '{"width": 8}', "--batch-size", "64",
         "--lr", "0.05", "--device", "cpu", "--epochs", "2", "--method", "pai-cyclic", "--pruner", "random",
@@ -118,7 +118,7 @@ def test_full_disk_while_appending_metrics(reference, tmp_path, monkeypatch):
             return FullDiskFile(handle) if len(appends) == 4 else handle
         return handle
 
-    monkeypatch.setattr(checkpoint_module, "open", open_metrics, raising=False)
+    monkeypatch.setattr(records_module, "open", open_metrics, raising=False)
     failed = run_cli("train", *TINY, "--out", str(out), expect=1)
     assert one_error_line(failed).startswith(f"error: cannot write {out}/metrics.csv (No space left on device); a row cut")
     assert not (out / "metrics.csv").read_text().endswith("\n")  # the torn row is really there

@@ -28,7 +28,7 @@ TINY = ["--data", "synthetic", "--model", "resnet1d", "--model-kwargs", '{"width
         "--lr", "0.05", "--device", "cpu", "--epochs", "2"]
 PAI = TINY + ["--method", "pai-cyclic", "--pruner", "random", "--sparsity", "0.5", "--cycles", "3"]  # 3 x 2 epochs x 4 steps
 IMP = TINY + ["--method", "imp", "--sparsity", "0.36", "--rewind-epoch", "1"]  # dense cycle 0, then two 20 % cuts
-STEP = "sparse_training.procedures:RunSession.after_step"
+STEP = "sparse_training.run.session:RunSession.after_step"
 WRITE = "pathlib:Path.write_bytes"
 
 
@@ -73,11 +73,11 @@ PAI_KILLS = [
     ("before the first checkpoint", (Point("os:replace", match="init.pt"),)),
     ("mid-epoch in cycle 0", (Point(STEP, nth=3, when="after"),)),
     ("mid-write of the resume state", (Point(WRITE, nth=2, match=".state.pt.", torn=0.5),)),
-    ("mid-append of metrics.csv", (Point("sparse_training.procedures:append_metrics", nth=2, torn=0.6),)),
+    ("mid-append of metrics.csv", (Point("sparse_training.run.evaluation:append_metrics", nth=2, torn=0.6),)),
     ("checkpoint written, not renamed", (Point("os:replace", match="cycle_000.pt"),)),
     ("checkpoint renamed, resume state not saved", (Point("os:replace", match="cycle_000.pt", when="after"),)),
-    ("between cycles", (Point("sparse_training.procedures:RunSession.start_cycle", nth=2),)),
-    ("mid-evaluation in cycle 2", (Point("sparse_training.procedures:evaluate", nth=16),)),
+    ("between cycles", (Point("sparse_training.run.session:RunSession.start_cycle", nth=2),)),
+    ("mid-evaluation in cycle 2", (Point("sparse_training.run.evaluation:evaluate", nth=16),)),
     ("mid-write of the final checkpoint", (Point(WRITE, match=".cycle_002.pt.", torn=0.3),)),
     ("after the last cycle, before DONE", (Point("sparse_training.procedures:update_meta", match="done"),)),
 ] + [(f"seeded step {step}", (Point(STEP, nth=step, when="after"),)) for step in _seeded_steps(3)]
@@ -98,7 +98,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(references, tmp_path, 
 IMP_KILLS = [
     ("rewind point renamed, resume state not saved", (Point("os:replace", match="rewind.pt", when="after"),)),
     ("mid-write of the rewind point", (Point(WRITE, match=".rewind.pt.", torn=0.5),)),
-    ("after the cut, before rewinding", (Point("sparse_training.procedures:load_checkpoint"),)),
+    ("after the cut, before rewinding", (Point("sparse_training.run.checkpointing:load_checkpoint"),)),
 ]
 
 

@@ -53,7 +53,7 @@ def test_run_dataset_json_and_ground_truth(run):
     result = landscape_json(run, "--top-k", "2", "--trace", "--trace-tol", "0.2", *FAST)
     labels = RunDir(run).checkpoint_labels()
     assert labels[0] == "init" and len(labels) == 4
-    assert result["computed"] == labels and result["skipped"] == []
+    assert result["computed"] == labels and result["reused"] == []
     ds = store.read_dataset(run / "analysis" / "sharpness.nc")
     assert result["output"] == str(run / "analysis" / "sharpness.nc")
     assert ds.checkpoint.values.tolist() == labels and ds.eigenvalue.dims == ("checkpoint", "eig_index")
@@ -90,7 +90,7 @@ def test_second_call_skips_other_settings_refused_overwrite_recomputes(run):
     assert [line.split()[0] for line in printed[1:3]] == ["init", "cycle_001"]
     assert printed[-1].startswith(f"written to {run / 'analysis' / 'sharpness.nc'}")
     again = landscape_json(run, *FAST)
-    assert again["skipped"] == ["init", "cycle_001"] and again["computed"] == ["cycle_000", "cycle_002"]
+    assert again["reused"] == ["init", "cycle_001"] and again["computed"] == ["cycle_000", "cycle_002"]
     assert sorted(again["checkpoints"]) == ["cycle_000", "cycle_001", "cycle_002", "init"]
     assert landscape_json(run, *FAST)["computed"] == []
     message = one_line_error(run, "--top-k", "2", *FAST)

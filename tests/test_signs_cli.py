@@ -79,10 +79,10 @@ def test_signs_skip_pairs_already_stored_and_add_other_references(pai):
     as_json("signs", str(pai))
     previous = as_json("signs", str(pai), "--reference", "previous")
     # pai-cyclic has no rewind point: cycle_000's previous checkpoint is init, already computed
-    assert previous["already_done"] == ["init..cycle_000"]
+    assert previous["reused"] == ["init..cycle_000"]
     assert previous["computed"] == ["cycle_000..cycle_001", "cycle_001..cycle_002"]
     again = as_json("signs", str(pai))
-    assert again["computed"] == [] and len(again["already_done"]) == 3
+    assert again["computed"] == [] and len(again["reused"]) == 3
     ds = xr.open_dataset(pai / "analysis" / "signs.nc")
     assert ds.sizes["pair"] == 5 and set(ds.reference.values) == {"init", "cycle_000", "cycle_001"}
     summary = run_cli("signs", str(pai)).stdout
@@ -155,7 +155,7 @@ def test_overlap_across_imp_cycles_sees_nested_masks(imp_run):
     result = run_cli("overlap", str(imp_run), "--across-cycles", "--json")
     assert "cycle_000 has no pruned weights (dense)" in result.stderr
     out = json.loads(result.stdout)
-    assert out["masks"] == ["cycle_000", "cycle_001", "cycle_002"] and not out["already_done"]
+    assert out["masks"] == ["cycle_000", "cycle_001", "cycle_002"] and not out["reused"]
     ds = xr.open_dataset(imp_run / "analysis" / "overlap.nc")
     assert ds.jaccard.dims == ("mask_a", "mask_b", "layer")
     density = {m: out["density"][m] for m in out["masks"]}
@@ -165,7 +165,7 @@ def test_overlap_across_imp_cycles_sees_nested_masks(imp_run):
     assert one.coverage_total.item() == 1.0
     assert one.jaccard_total.item() == pytest.approx(density["cycle_002"] / density["cycle_001"])
     assert np.allclose(one.jaccard.values, one.density_b.values / one.density_a.values)
-    assert run_cli("overlap", str(imp_run), "--across-cycles", "--json").stdout.count('"already_done": true') == 1
+    assert run_cli("overlap", str(imp_run), "--across-cycles", "--json").stdout.count('"reused": ["cycle_000", "cycle_001", "cycle_002"]') == 1
 
 
 def test_overlap_of_two_runs_matches_numpy_and_notes_the_dense_mask(pai, imp_run, tiny_dense_run, tmp_path):
@@ -200,7 +200,7 @@ def test_overlap_bad_input(pai, tiny_dense_run, tmp_path):
 
 def test_metrics_of_one_run_round_trip_its_csv(pai):
     result = as_json("metrics", str(pai))
-    assert result["output"] == str(RunDir(pai).analysis_file("metrics")) and not result["already_done"]
+    assert result["output"] == str(RunDir(pai).analysis_file("metrics")) and not result["reused"]
     assert [row["cycle"] for row in result["cycles"]] == [0, 1, 2]
     ds = xr.open_dataset(pai / "analysis" / "metrics.nc")
     assert ds.sparsity.sel(run="pai_cyclic").values.tolist() == [0.5, 0.5, 0.5]
@@ -210,10 +210,10 @@ def test_metrics_of_one_run_round_trip_its_csv(pai):
     append_metrics(rebuilt, csv_rows_of(ds, "pai_cyclic"))
     # the same rows in the same order with the same values (training writes FLOPs as integers)
     assert read_metrics(rebuilt) == read_metrics(RunDir(pai))
-    assert as_json("metrics", str(pai))["already_done"]
+    assert as_json("metrics", str(pai))["reused"]
     with open(pai / "metrics.csv", "a") as handle:  # new rows: the dataset is rebuilt
         handle.write("3,0,24,train,loss,1.5\n")
-    assert not as_json("metrics", str(pai))["already_done"]
+    assert not as_json("metrics", str(pai))["reused"]
 
 
 def test_metrics_of_several_runs_need_out(pai, imp_run, tmp_path):

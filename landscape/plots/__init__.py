@@ -5,7 +5,7 @@ from .nc files on any machine."""
 from .connectivity import plot_connectivity
 from .masks import plot_overlap, plot_signs
 from .sharpness import plot_sharpness
-from .style import FORMATS, METHOD_STYLE, PlotInputError, save_figure
+from .style import FORMATS, METHOD_STYLES_ATTR, PlotInputError, save_figure
 from .training import plot_metrics, plot_sparsity
 
 # figure kind -> (function, the analysis dataset it draws: RUN/analysis/<name>.nc)
@@ -19,6 +19,6 @@ PLOTS = {
 }
 
 __all__ = [
-    "FORMATS", "METHOD_STYLE", "PLOTS", "PlotInputError", "plot_connectivity", "plot_metrics", "plot_overlap",
+    "FORMATS", "METHOD_STYLES_ATTR", "PLOTS", "PlotInputError", "plot_connectivity", "plot_metrics", "plot_overlap",
     "plot_sharpness", "plot_signs", "plot_sparsity", "save_figure",
 ]

@@ -1,11 +1,16 @@
 """The one figure style: a seaborn theme, a fixed colour and marker per method, axis labels
 from `long_name`/`units`, titles from what the datasets say was run, legends outside the axes.
 
-Imports neither torch nor sparse_training, so figures can be redrawn from .nc files anywhere."""
+Imports neither torch nor sparse_training, so figures can be redrawn from .nc files anywhere.
+What a figure knows of the methods (colour, marker, legend order, whether every cycle is a
+level) comes with the datasets: `landscape plot` writes the engine's method registry into
+their attrs (METHOD_STYLES_ATTR); a method no dataset describes is drawn in a neutral style."""
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -21,21 +26,12 @@ from matplotlib.ticker import EngFormatter, FuncFormatter
 FORMATS = ("png", "pdf", "svg")
 DPI = 200
 
-# Colour-blind-safe hues, and a marker per method so lines stay apart in greyscale. IMP and
-# LRR, the pair most often compared, get hues far apart (orange vs reddish purple).
-METHOD_STYLE = {
-    "dense": ("#222222", "h"),
-    "pai": ("#56b4e9", "v"),
-    "pai-cyclic": ("#0173b2", "^"),
-    "imp": ("#de8f05", "s"),
-    "lrr": ("#cc78bc", "D"),
-    "sculpt": ("#029e73", "o"),
-    "transfer": ("#ca9161", "P"),
-    "gmp": ("#949494", "X"),
-    "rigl": ("#d55e00", "*"),
-}
+# {method: {"colour", "marker", "levelwise"}} as JSON, in legend order.
+METHOD_STYLES_ATTR = "method_styles"
 UNKNOWN_STYLE = ("#7f7f7f", ".")
 DENSE = "dense"
+# The methods of the datasets being drawn: set by `styled` for the duration of one figure.
+_METHODS: contextvars.ContextVar[dict[str, dict[str, Any]]] = contextvars.ContextVar("methods", default={})
 
 _RC = {
     **sns.axes_style("whitegrid"),
@@ -55,14 +51,35 @@ class PlotInputError(ValueError):
 
 
 def styled(func: Callable[..., Figure]) -> Callable[..., Figure]:
-    """Draw under the project style without touching the caller's global rcParams."""
+    """Draw the datasets (the first argument) under the project style and the method styles
+    they carry, without touching the caller's global rcParams."""
 
     @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Figure:
-        with matplotlib.rc_context(_RC):
-            return func(*args, **kwargs)
+    def wrapper(datasets: xr.Dataset | Sequence[xr.Dataset], *args: Any, **kwargs: Any) -> Figure:
+        token = _METHODS.set(methods_described(datasets))
+        try:
+            with matplotlib.rc_context(_RC):
+                return func(datasets, *args, **kwargs)
+        finally:
+            _METHODS.reset(token)
 
     return wrapper
+
+
+def methods_described(datasets: xr.Dataset | Sequence[xr.Dataset]) -> dict[str, dict[str, Any]]:
+    """{method: {"colour", "marker", "levelwise"}} from the datasets' METHOD_STYLES_ATTR, in
+    legend order; an attr that is not such a table is ignored."""
+    table: dict[str, dict[str, Any]] = {}
+    for ds in [datasets] if isinstance(datasets, xr.Dataset) else datasets:
+        try:
+            described = json.loads(ds.attrs.get(METHOD_STYLES_ATTR, "{}"))
+        except (TypeError, json.JSONDecodeError):
+            continue
+        if isinstance(described, dict):
+            for method, entry in described.items():
+                if isinstance(entry, dict):
+                    table.setdefault(method, entry)
+    return table
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -113,12 +130,18 @@ def require(ds: xr.Dataset, names: Iterable[str], kind: str) -> None:
 # ---------------------------------------------------------------- what was run
 
 def method_style(method: str) -> tuple[str, str]:
-    return METHOD_STYLE.get(method, UNKNOWN_STYLE)
+    entry = _METHODS.get().get(method, {})
+    return str(entry.get("colour", UNKNOWN_STYLE[0])), str(entry.get("marker", UNKNOWN_STYLE[1]))
 
 
 def method_order(method: str) -> int:
-    names = list(METHOD_STYLE)
+    names = list(_METHODS.get())
     return names.index(method) if method in names else len(names)
+
+
+def is_levelwise(method: str) -> bool:
+    """Every cycle of the method ends at a new sparsity that is itself a result (an IMP/LRR level)."""
+    return bool(_METHODS.get().get(method, {}).get("levelwise", False))
 
 
 def scalar(ds: xr.Dataset, name: str, default: Any = "") -> Any:

@@ -14,14 +14,11 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from .style import (
-    by_method, DENSE, PlotInputError, as_list, axis_label, legend_outside, method_of, method_order, method_style,
-    new_figure, percent, plain_log_axis, require, run_labels, set_title, styled,
+    by_method, DENSE, PlotInputError, as_list, axis_label, is_levelwise, legend_outside, method_of, method_order,
+    method_style, new_figure, percent, plain_log_axis, require, run_labels, set_title, styled,
 )
 
 REQUIRED = ("value", "run", "cycle", "epoch", "split", "metric")
-# Methods whose every cycle ends at a new sparsity that is itself a result of the method (an
-# IMP/LRR level); the other methods count only at the end of their last cycle.
-LEVELWISE = ("imp", "lrr")
 BOUNDARY_COLOUR = "0.55"
 
 
@@ -137,10 +134,11 @@ def _points(run: xr.Dataset, x: str) -> list[tuple[float, float, float]]:
     at = {int(c): float(sparsity[i]) for i, c in enumerate(run.cycle.values)}
     if x == "flops":
         return [(at[finals[-1][0]], float(run.training_flops), finals[-1][1])]
-    chosen = finals if method_of(run) in LEVELWISE else finals[-1:]
+    # A level-wise method's every cycle is a result; the others count at the end of the last one.
+    chosen = finals if is_levelwise(method_of(run)) else finals[-1:]
     points = [(at[c], at[c], acc) for c, acc in chosen if np.isfinite(at[c])]
     # An IMP/LRR level 0 is a dense network after one cycle: the dense runs are the reference there.
-    return [p for p in points if p[0] > 0 or method_of(run) not in LEVELWISE]
+    return [p for p in points if p[0] > 0 or not is_levelwise(method_of(run))]
 
 
 def _grouped(runs: list[xr.Dataset], x: str) -> dict[str, list[tuple[float, float, float, int]]]:

@@ -1,18 +1,50 @@
 """Masks that move during training: gradual magnitude pruning (GMP, Zhu & Gupta 2017) and
-RigL (Evci et al. 2020). Both act after an optimizer step (RunSession.after_step), at steps
-that are a pure function of the clock, and keep no state beyond the mask and the optimizer
-(both already in state.pt), so a resumed run equals an uninterrupted one.
+RigL (Evci et al. 2020), each one cycle. Both act after an optimizer step, at steps that are a
+pure function of the clock, and keep no state beyond the mask and the optimizer (both already
+in state.pt), so a resumed run equals an uninterrupted one.
 
 `t` is the number of steps the cycle has done (1 after its first update)."""
 
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 
-from .config import PruneConfig
-from .masks import Mask, apply_mask_, prunable_parameters
+from ..config import Config, PruneConfig, check
+from ..masks import Mask, apply_mask_, prunable_parameters
+from .base import CyclePlan, Method, MovingMask, Style, pruning_at_init
+
+
+class DynamicSparsity(Method):
+    """One cycle of cycles x epochs epochs whose mask moves by `rule`: from dense (gmp), or
+    from a prune-at-init mask (rigl: random ERK by default) at constant sparsity."""
+
+    def __init__(self, name: str, style: Style, *, rule: type[GradualMagnitudePruning] | type[RigL],
+                 prune_at_init: bool):
+        super().__init__(name, style)
+        self.rule, self.prune_at_init = rule, prune_at_init
+
+    def validate(self, config: Config) -> None:
+        super().validate(config)
+        self.rule.validate(config.prune)
+
+    def default_allocation(self, config: Config) -> str:
+        # From dense, the mask shrinks by magnitude: globally, as IMP and LRR prune.
+        return super().default_allocation(config) if self.prune_at_init else "global"
+
+    def plan(self, config: Config) -> list[CyclePlan]:
+        run = config.run
+        return [CyclePlan(0, run.epochs * run.cycles, pruning_at_init(config) if self.prune_at_init else None)]
+
+    def moving_mask(self, config: Config, cycle_steps: int) -> MovingMask:
+        return self.rule(config.prune, cycle_steps)
+
+
+def _validate_updates(prune: PruneConfig) -> None:
+    check(prune.update_every >= 1, "update-every must be at least 1")
+    check(0.0 <= prune.update_start < prune.update_end <= 1.0, "need 0 <= update-start < update-end <= 1")
 
 
 class GradualMagnitudePruning:
@@ -22,6 +54,10 @@ class GradualMagnitudePruning:
     `update_end` of the cycle's steps."""
 
     needs_dense_gradient = False
+
+    @staticmethod
+    def validate(prune: PruneConfig) -> None:
+        _validate_updates(prune)
 
     def __init__(self, prune: PruneConfig, total_steps: int):
         self.target, self.every, self.allocation = prune.sparsity, prune.update_every, prune.allocation
@@ -39,7 +75,7 @@ class GradualMagnitudePruning:
         return t == self.end or (self.start < t < self.end and (t - self.start) % self.every == 0)
 
     def update(self, model: nn.Module, mask: Mask, optimizer: torch.optim.Optimizer, t: int) -> Mask:
-        from .pruners import magnitude_prune
+        from ..pruners import magnitude_prune
 
         new = magnitude_prune(model, mask, self.sparsity_at(t), self.allocation)
         apply_mask_(model, new)
@@ -54,6 +90,11 @@ class RigL:
     optimizer state, so every layer's sparsity, and the total, stay constant at every step."""
 
     needs_dense_gradient = True
+
+    @staticmethod
+    def validate(prune: PruneConfig) -> None:
+        _validate_updates(prune)
+        check(0.0 < prune.rigl_fraction < 1.0, f"rigl-fraction must be in (0, 1), got {prune.rigl_fraction}")
 
     def __init__(self, prune: PruneConfig, total_steps: int):
         self.alpha, self.every = prune.rigl_fraction, prune.update_every
@@ -105,12 +146,5 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
             value[where] = 0
 
 
-def mask_schedule(method: str, prune: PruneConfig, total_steps: int) -> GradualMagnitudePruning | RigL | None:
-    """The moving-mask rule of a method (gmp, rigl), or None when its mask changes only at
-    cycle starts."""
-    if method == "gmp":
-        return GradualMagnitudePruning(prune, total_steps)
-    if method == "rigl":
-        return RigL(prune, total_steps)
-    return None
-
+GMP = DynamicSparsity("gmp", Style("#949494", "X"), rule=GradualMagnitudePruning, prune_at_init=False)
+RIGL = DynamicSparsity("rigl", Style("#d55e00", "*"), rule=RigL, prune_at_init=True)

@@ -12,16 +12,19 @@ anything."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, load_checkpoint
-from .config import ModelConfig, PruneConfig
-from .data.base import seeded_generator
-from .errors import UserError
-from .masks import Mask, prunable_parameters, validate_mask
+from ..checkpoint import Checkpoint, load_checkpoint
+from ..config import Config, ModelConfig, check
+from ..data.base import seeded_generator
+from ..errors import UserError
+from ..masks import Mask, prunable_parameters, validate_mask
+from .base import CyclePlan, MaskChange, MaskInputs, Method, Style
 
 RANDOM = "random"
 # The fresh initialisation of --weights-from random comes from its own stream of the run's
@@ -30,38 +33,73 @@ RANDOM = "random"
 FRESH_INIT_STREAM = 7
 
 
-def transferred_mask(prune: PruneConfig, model: nn.Module, model_config: ModelConfig) -> Mask:
-    """The mask of --mask-from, checked against `model`."""
-    source = _load("--mask-from", prune.mask_from, model_config)
+class Transfer(Method):
+    """The mask of --mask-from, the weights of --weights-from (init.pt), then --cycles cycles."""
+
+    own_settings = ("mask_from", "weights_from", "signs_from")
+
+    def validate(self, config: Config) -> None:
+        check(config.prune.mask_from is not None, f"method {self.name} needs --mask-from CKPT")
+        check(config.prune.sparsity == 0.0, f"method {self.name} takes its sparsity from --mask-from; drop --sparsity")
+
+    def completed(self, config: Config) -> Config:
+        # Absolute source paths, so that --resume works from any directory.
+        prune = config.prune
+        return config.replace("prune", mask_from=_absolute(prune.mask_from), signs_from=_absolute(prune.signs_from),
+                              weights_from=_absolute(prune.weights_from or RANDOM))
+
+    def plan(self, config: Config) -> list[CyclePlan]:
+        mask = TransferredMask(config.prune.mask_from)
+        return [CyclePlan(c, config.run.epochs, mask if c == 0 else None) for c in range(config.run.cycles)]
+
+    def initialise(self, model: nn.Module, config: Config) -> None:
+        """Load the transferred weights into `model` (magnitudes from --weights-from, signs from
+        --signs-from on the prunable weights) after checking every source, the mask's included,
+        so that a mismatch raises before the model is touched."""
+        prune, model_config = config.prune, config.model
+        transferred_mask(prune.mask_from, model, model_config)
+        if prune.weights_from in (None, RANDOM):
+            state = fresh_initialisation(model_config, config.run.seed)
+        else:
+            state = _fitting_state("--weights-from", _load("--weights-from", prune.weights_from, model_config), model)
+        if prune.signs_from is not None:
+            signs = _fitting_state("--signs-from", _load("--signs-from", prune.signs_from, model_config), model)
+            state = with_signs(state, signs, prunable_parameters(model))
+        model.load_state_dict(state)
+
+
+@dataclass(frozen=True)
+class TransferredMask(MaskChange):
+    """Cycle 0 of a transfer run takes the mask of the checkpoint `source`."""
+
+    source: str
+
+    def describe(self) -> str:
+        return f"mask of {self.source}"
+
+    def apply(self, inputs: MaskInputs) -> Mask:
+        # Loading builds a model (to complete the stored masks), which draws from the global
+        # RNG; the training that follows must not depend on it.
+        with torch.random.fork_rng(devices=[]):
+            return transferred_mask(self.source, inputs.model, inputs.config.model)
+
+
+def transferred_mask(path: str | None, model: nn.Module, model_config: ModelConfig) -> Mask:
+    """The mask of the checkpoint `path` (--mask-from), checked against `model`."""
+    source = _load("--mask-from", path, model_config)
     _fitting_state("--mask-from", source, model)
     try:
         validate_mask(source.masks, model)
     except UserError as error:
-        raise UserError(f"--mask-from {prune.mask_from}: {error}") from None
+        raise UserError(f"--mask-from {path}: {error}") from None
     device = next(iter(prunable_parameters(model).values())).device
     return {name: source.masks[name].to(device) for name in prunable_parameters(model)}
-
-
-def initialise(model: nn.Module, prune: PruneConfig, model_config: ModelConfig, seed: int) -> Mask:
-    """Load the transferred weights into `model` (magnitudes from --weights-from, signs from
-    --signs-from on the prunable weights) and return the --mask-from mask. Every source is
-    loaded and checked first, so a mismatch raises before the model is touched."""
-    mask = transferred_mask(prune, model, model_config)
-    if prune.weights_from in (None, RANDOM):
-        state = fresh_initialisation(model_config, seed)
-    else:
-        state = _fitting_state("--weights-from", _load("--weights-from", prune.weights_from, model_config), model)
-    if prune.signs_from is not None:
-        signs = _fitting_state("--signs-from", _load("--signs-from", prune.signs_from, model_config), model)
-        state = with_signs(state, signs, prunable_parameters(model))
-    model.load_state_dict(state)
-    return mask
 
 
 def fresh_initialisation(model_config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     """The state_dict of a newly built model, drawn from the fresh-init stream of `seed`; the
     global RNG is left as it was."""
-    from .models import build_model
+    from ..models import build_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seeded_generator(seed, FRESH_INIT_STREAM).initial_seed())
@@ -103,3 +141,10 @@ def _fitting_state(flag: str, source: Checkpoint, model: nn.Module) -> dict[str,
         raise UserError(f"{flag} {source.path} does not fit the model (unexpected {extra[0]}); "
                         "use a checkpoint of the same architecture")
     return {name: source.state_dict[name] for name in expected}
+
+
+def _absolute(path: str | None) -> str | None:
+    return path if path in (None, RANDOM) else str(Path(path).expanduser().absolute())
+
+
+TRANSFER = Transfer("transfer", Style("#ca9161", "P"))

@@ -1,0 +1,48 @@
+"""What every analysis command shares: where its dataset goes (--out, --overwrite), the
+architecture of plain state_dict files, and its result on stdout: one JSON object whose
+top-level keys `computed`, `reused` and `output` every analysis has, or a summary."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import click
+
+from .output import emit, log, parse_model_kwargs
+
+
+def output_options(func: Callable) -> Callable:
+    func = click.option("--overwrite", is_flag=True,
+                        help="Recompute what the dataset already holds for these inputs; replace a dataset computed "
+                             "with other settings.")(func)
+    return click.option("--out", type=click.Path(dir_okay=False), default=None,
+                        help="Dataset file to write. [in RUN/analysis/ when the inputs come from one run, else beside "
+                             "the first checkpoint file]")(func)
+
+
+def architecture_options(func: Callable) -> Callable:
+    """--model and --model-kwargs only: signs and overlap read weights and masks, never evaluate."""
+    func = click.option("--model-kwargs", default=None, help="JSON object of model keyword arguments.")(func)
+    return click.option("--model", "model_name", default=None,
+                        help="Model name for plain state_dict files (their masks are their exact zeros).")(func)
+
+
+def load_options(model_name: str | None, model_kwargs: str | None, data_name: str | None = None):
+    from landscape.inputs import LoadOptions
+
+    return LoadOptions(model=model_name, model_kwargs=parse_model_kwargs(model_kwargs), data=data_name)
+
+
+def emit_result(result, own: dict[str, Any], as_json: bool, summary: str, what: str) -> None:
+    """Print an analysis's result (a landscape.results.AnalysisResult and its own keys); say
+    on stderr what was taken from the file rather than computed."""
+    if result.reused:
+        log(f"reused {len(result.reused)} {what} already in {result.path} (--overwrite recomputes them)")
+    emit({"output": str(result.path), "computed": result.computed, "reused": result.reused, **own}, as_json, summary)
+
+
+def number(value: Any) -> float | int | None:
+    """A JSON-safe number: NaN (an undefined fraction) becomes null."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and math.isnan(value) else value

@@ -1,0 +1,148 @@
+"""The settings of every analysis: frozen dataclasses whose fields document themselves
+(`sparse_training.config.setting`), so that the CLI generates its options, choices, defaults
+and help from them (cli/options.py) and never copies one. Nothing here imports torch, so a
+command's --help stays quick."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sparse_training.config import setting
+from sparse_training.errors import UserError
+
+
+# ---------------------------------------------------------------- paths (barrier, connectivity)
+
+BN_MODES = ("recompute", "interpolate")
+BN_ALIASES = {"none": "interpolate"}
+SPLITS = ("train", "test")
+DEFAULT_EVAL_BATCH_SIZE = 1024
+MAX_POINTS = 10_001  # more is a typo, not a finer path (the grid would not fit in memory long before)
+MAX_COUNT = 2**31 - 1  # batch sizes and counts beyond this overflow torch's index types
+
+
+@dataclass(frozen=True)
+class PathSettings:
+    """Everything that determines the numbers of a path; stored in the dataset's settings and
+    compared when deciding whether an already-computed pair can be reused."""
+
+    points: int = setting(11, "Points on the line, both endpoints included (at least 2).")
+    splits: tuple[str, ...] = setting(SPLITS, "Splits to evaluate: train, test or train,test.", flag="--split")
+    bn: str = setting("recompute", "BatchNorm running statistics at each point: recomputed from training batches, "
+                                   "or interpolated like the weights (none is the same as interpolate: the "
+                                   "interpolated state_dict as it is).", choices=BN_MODES + tuple(BN_ALIASES))
+    bn_batches: int = setting(20, "Training batches the BatchNorm statistics are recomputed from.")
+    samples: int | None = setting(None, "Evaluate on a fixed seeded subset of this many examples per split. [all]")
+    seed: int = setting(0, "Seed of the --samples subset and of the BatchNorm batches.")
+    batch_size: int | None = setting(None, "Evaluation batch size. [the run's eval batch size, else "
+                                           f"{DEFAULT_EVAL_BATCH_SIZE}]")
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.splits if s not in SPLITS]
+        if unknown:
+            raise UserError(f"--split takes train, test or train,test; got {','.join(self.splits)!r}")
+        object.__setattr__(self, "bn", BN_ALIASES.get(self.bn, self.bn))
+        object.__setattr__(self, "splits", tuple(s for s in SPLITS if s in self.splits))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "splits": list(self.splits), "bn_augment": False}
+
+
+def validated(settings: PathSettings) -> PathSettings:
+    """`settings`, or a one-line UserError naming the bad value."""
+    if not 2 <= settings.points <= MAX_POINTS:
+        raise UserError(f"--points must be at least 2 (the two endpoints) and at most {MAX_POINTS}, got {settings.points}")
+    if settings.bn not in BN_MODES:
+        raise UserError(f"unknown --bn mode {settings.bn!r}; choose recompute, interpolate or none")
+    if not settings.splits:
+        raise UserError("--split needs at least one of train, test")
+    for name in ("bn_batches", "batch_size", "samples"):
+        value = getattr(settings, name)
+        if value is not None and not 1 <= value <= MAX_COUNT:
+            raise UserError(f"--{name.replace('_', '-')} must be 1 to {MAX_COUNT}, got {value}")
+    return settings
+
+
+# ---------------------------------------------------------------- sharpness
+
+BACKEND_NAMES = ("lanczos", "power", "pyhessian")
+SUBSPACES = ("masked", "full")
+DEFAULT_SAMPLES = 4096
+DEFAULT_BATCH_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class SharpnessSettings:
+    """What defines the result, and the batch size, which does not (the products are the same):
+    it is left out of `as_dict`, the settings stored and compared."""
+
+    top_k: int = setting(1, "Number of largest eigenvalues.")
+    trace: bool = setting(False, "Also estimate the trace (Hutchinson, Rademacher probes).")
+    density: bool = setting(False, "Also the eigenvalue density (stochastic Lanczos quadrature).")
+    samples: int | None = setting(None, "Size of the fixed, seeded training subset the loss is averaged over. "
+                                        f"[{DEFAULT_SAMPLES} or all if fewer]")
+    batch_size: int = setting(DEFAULT_BATCH_SIZE, "Batch size of the Hessian-vector products (does not change the "
+                                                  "result).")
+    subspace: str = setting("masked", "masked: only the weights the mask keeps (plus biases and norm parameters); "
+                                      "full: all parameters.", choices=SUBSPACES)
+    backend: str = setting("lanczos", "Eigenvalue solver: lanczos; power iteration with deflation or the PyHessian "
+                                      "package, for comparison.", choices=BACKEND_NAMES)
+    tol: float = setting(1e-3, "Stop when ||Hv - lambda v|| <= tol |lambda|, a bound on each eigenvalue's relative "
+                               "error (pyhessian: its relative change between iterations).")
+    trace_tol: float = setting(0.05, "Stop the trace when its standard error is at most this fraction of it. The "
+                                     "top-k eigenpairs are projected out of the probes, so a larger --top-k gives a "
+                                     "tighter trace.")
+    max_hvp: int = setting(100, "Most Hessian-vector products per eigenvalue, and most trace probes.")
+    seed: int = setting(0, "Seed of the subset and of the random vectors.")
+    density_steps: int = setting(100, "Lanczos steps of each spectral-density run.")
+    density_runs: int = setting(1, "Spectral-density runs (Rademacher start vectors), averaged.")
+
+    def validated(self) -> SharpnessSettings:
+        checks = [
+            (self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}"),
+            (self.samples is None or self.samples >= 1, f"--samples must be at least 1, got {self.samples}"),
+            (1 <= self.batch_size <= MAX_COUNT, f"--batch-size must be 1 to {MAX_COUNT}, got {self.batch_size}"),
+            (self.subspace in SUBSPACES, f"--subspace must be masked or full, got {self.subspace!r}"),
+            (self.backend in BACKEND_NAMES, f"--backend must be one of {', '.join(BACKEND_NAMES)}, got {self.backend!r}"),
+            (0 < self.tol < 1, f"--tol must be in (0, 1), got {self.tol}"),
+            (0 < self.trace_tol < 1, f"--trace-tol must be in (0, 1), got {self.trace_tol}"),
+            (self.max_hvp >= 2, f"--max-hvp must be at least 2, got {self.max_hvp}"),
+            # landscape.hessian.generator scales the seed: a larger one overflows torch's seed
+            (abs(self.seed) <= MAX_COUNT, f"--seed must be within -{MAX_COUNT}..{MAX_COUNT}, got {self.seed}"),
+            (self.density_steps >= 2 and self.density_runs >= 1, "density needs at least 2 Lanczos steps and 1 run"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if key != "batch_size"}
+
+    def max_products(self) -> int:
+        """Most Hessian-vector products one checkpoint can cost: every backend's limit on the
+        eigenvalues (plus pyhessian's residual checks), the trace's probes, the density's steps."""
+        return (self.top_k * (self.max_hvp + 1) + (self.max_hvp if self.trace else 0)
+                + (self.density_steps * self.density_runs if self.density else 0))
+
+
+# ---------------------------------------------------------------- signs, overlap
+
+REFERENCES = ("init", "rewind", "previous")
+
+
+@dataclass(frozen=True)
+class SignsSettings:
+    """What `landscape signs` compares; the sign counts themselves have no setting."""
+
+    reference: str | None = setting(None, "With one run: compare each cycle with init, the rewind point, or the "
+                                          "checkpoint before it (for cycle_000: rewind if the run has one, else init). "
+                                          "[init]", choices=REFERENCES)
+
+
+@dataclass(frozen=True)
+class OverlapSettings:
+    """Which masks `landscape overlap` compares."""
+
+    across_cycles: bool = setting(False, "One run: every cycle's mask against every other's.")

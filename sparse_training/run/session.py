@@ -1,0 +1,161 @@
+"""One run being trained: the model and its optimizer, the method's cycle plan, and the parts
+composed around the one loop (`trainer.train_cycle`), whose callbacks it implements.
+
+Time is the global step. Resuming, rewinding and branching are all "load weights, start at
+step k": the resume state is written at the start of every cycle, at the end of every epoch
+and on a requested stop, and the data order and LR depend only on (config, seed, step), so a
+resumed run equals an uninterrupted one bit for bit on CPU."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .. import methods
+from ..config import Config
+from ..masks import Mask
+from ..methods import CyclePlan
+from ..records import read_meta, update_meta
+from ..rundir import RunDir, cycle_label
+from ..schedules import learning_rate
+from ..trainer import CycleSpan, Position, make_optimizer, train_cycle
+from .checkpointing import Checkpointing
+from .evaluation import Evaluation
+from .mask_control import MaskControl
+
+
+class RunSession:
+    """Drives the plan through the loop; owns the model and optimizer; `masks`, `evaluation`
+    and `checkpoints` own the rest."""
+
+    def __init__(self, run: RunDir, config: Config, data: Any, device: str, log: Callable[[str], None],
+                 stop: Callable[[], bool]):
+        from ..models import build_model, model_config_for
+
+        self.run, self.data, self.device, self.log, self.stop = run, data, device, log, stop
+        # The config was typed (or written) by the user: a module.path:factory may be imported.
+        model_cfg = model_config_for(config.model.name, config.model.kwargs, data.num_classes, data.input_shape,
+                                     allow_import=True)
+        self.config = config.replace("model", kwargs=model_cfg.kwargs)
+        self.method = methods.get(self.config.run.method)
+        self.plans = self.method.plan(self.config)
+        self.spans = _spans(self.plans, data.steps_per_epoch(self.config.optim.batch_size))
+        self.plan: CyclePlan = self.plans[0]
+        torch.manual_seed(self.config.run.seed)
+        self.model = build_model(self.config.model, allow_import=True).to(device)
+        self.optimizer = make_optimizer(self.model, self.config.optim)
+        moving = self.method.moving_mask(self.config, self.spans[0].steps)
+        self.masks = MaskControl(self.model, self.config, data, device, moving, log, self._warn)
+        self.masks.bind(self.optimizer)
+        self.evaluation = Evaluation(run, data, self.config.optim.eval_batch_size, device, log)
+        self.checkpoints = Checkpointing(run, self.config)
+
+    @property
+    def mask(self) -> Mask:
+        return self.masks.mask
+
+    @property
+    def total_steps(self) -> int:
+        return sum(span.steps for span in self.spans)
+
+    def initialise(self) -> None:
+        """The weights of step 0, when the method takes them from elsewhere (transfer)."""
+        self.method.initialise(self.model, self.config)
+
+    def _warn(self, warning: str) -> None:
+        """A warning in the log and, for whoever reads the run later, in meta.json."""
+        self.log(f"warning: {warning}")
+        update_meta(self.run, warnings=read_meta(self.run).get("warnings", []) + [warning])
+
+    # -------------------------------------------------------- state and checkpoints
+
+    def save_checkpoint(self, label: str, position: Position, cycle: int | None, epoch: int | None) -> None:
+        self.checkpoints.save(label, self.model, self.mask, position, cycle, epoch, self.evaluation.metrics)
+
+    def save_state(self, position: Position, cycle_started: bool) -> None:
+        self.checkpoints.save_state(model=self.model, optimizer=self.optimizer, mask=self.mask, position=position,
+                                    cycle_started=cycle_started, metrics=self.evaluation.metrics,
+                                    flops=self.masks.flops.total)
+
+    def load_state(self) -> tuple[Position, bool]:
+        with self.checkpoints.reading_state() as state:
+            self.model.load_state_dict(state["model"])
+            self.optimizer = make_optimizer(self.model, self.config.optim)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.masks.restore({k: v.to(self.device) for k, v in state["masks"].items()}, self.optimizer,
+                               int(state["flops"]))
+            self.evaluation.metrics = dict(state["metrics"])
+            torch.set_rng_state(state["torch_rng"])
+            return Position(**state["position"]), bool(state["cycle_started"])
+
+    def _evaluate(self, position: Position, lr: float) -> None:
+        self.evaluation.record(self.model, position, lr, self.masks.sparsity, self.masks.flops.total)
+
+    # -------------------------------------------------------- cycle start and loop callbacks
+
+    def start_cycle(self, plan: CyclePlan, span: CycleSpan, position: Position) -> None:
+        """Mask change, weight source, fresh optimizer, the epoch-0 evaluation. The mask
+        changes first: IMP prunes by the magnitudes its previous cycle trained, then rewinds."""
+        if plan.mask_change is not None:
+            self.masks.change(plan.mask_change, plan.index)
+        if plan.weights in ("rewind", "init"):
+            self.checkpoints.load_weights(plan.weights, self.model, self.device)
+        self.masks.apply()
+        self.optimizer = make_optimizer(self.model, self.config.optim)
+        self.masks.bind(self.optimizer)
+        if plan.save_rewind_at == 0:
+            self.save_checkpoint("rewind", position, plan.index, 0)
+        self._evaluate(position, learning_rate(0, span.steps, self.config.optim))
+        self.save_state(position, cycle_started=True)
+
+    def after_step(self, position: Position, loss: float) -> None:
+        self.masks.after_step(position.step - self.spans[self.plan.index].start_step, position.batch)
+
+    def end_of_epoch(self, position: Position, lr: float) -> None:
+        plan, every = self.plan, self.config.run.save_every
+        self._evaluate(position, lr)
+        last = position.epoch == plan.epochs
+        if plan.save_rewind_at == position.epoch:
+            self.save_checkpoint("rewind", position, plan.index, position.epoch)
+        if every and position.epoch % every == 0 and not last:
+            self.save_checkpoint(cycle_label(plan.index, position.epoch), position, plan.index, position.epoch)
+        if last:
+            self.save_checkpoint(cycle_label(plan.index), position, plan.index, position.epoch)
+            self.save_state(Position(plan.index + 1, 0, 0, position.step), cycle_started=False)
+        else:
+            self.save_state(position, cycle_started=True)
+        self.evaluation.log_epoch(position, plan.epochs, lr, self.masks.sparsity)
+
+    def should_stop(self) -> bool:
+        return self.stop()
+
+    def stopped(self, position: Position) -> None:
+        self.save_state(position, cycle_started=True)
+
+    # -------------------------------------------------------- driving the plan
+
+    def train(self, position: Position, cycle_started: bool, progress: Callable[[int], Any] | None = None) -> Position:
+        for plan, span in zip(self.plans, self.spans):
+            if plan.index < position.cycle:
+                continue
+            self.plan = plan
+            if not cycle_started:
+                self.start_cycle(plan, span, position)
+            position = train_cycle(
+                model=self.model, optimizer=self.optimizer, masked_step=self.masks.zero_pruned, data=self.data,
+                optim=self.config.optim, span=span, start=position, seed=self.config.run.seed,
+                augment=self.config.data.augment, device=self.device, callbacks=self, progress=progress,
+            )
+            position = Position(plan.index + 1, 0, 0, position.step)
+            cycle_started = False
+        return position
+
+
+def _spans(plans: list[CyclePlan], steps_per_epoch: int) -> list[CycleSpan]:
+    spans, step, epoch = [], 0, 0
+    for plan in plans:
+        spans.append(CycleSpan(plan.index, plan.epochs, steps_per_epoch, step, epoch))
+        step += plan.epochs * steps_per_epoch
+        epoch += plan.epochs
+    return spans
