@@ -22,16 +22,28 @@ def output_options(func: Callable) -> Callable:
 
 
 def architecture_options(func: Callable) -> Callable:
-    """--model and --model-kwargs only: signs and overlap read weights and masks, never evaluate."""
+    """--model and --model-kwargs only: for commands that take no --data (signs and overlap,
+    which never evaluate; connectivity, whose runs record their data)."""
     func = click.option("--model-kwargs", default=None, help="JSON object of model keyword arguments.")(func)
     return click.option("--model", "model_name", default=None,
-                        help="Model name for plain state_dict files (their masks are their exact zeros).")(func)
+                        help="Model name for plain state_dict files (their masks are their exact zeros), or the "
+                             "module.path:factory a run was trained with (allows importing it).")(func)
 
 
-def load_options(model_name: str | None, model_kwargs: str | None, data_name: str | None = None):
+def data_dir_option(func: Callable) -> Callable:
+    """--data-dir for the commands that evaluate: where data come from is the user's choice,
+    never the checkpoint's (a file's recorded data_dir/download is ignored)."""
+    return click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                        help="Where the evaluated data set lives (torchvision layout, mnist1d cache). "
+                             "[$SPARSE_LANDSCAPE_CACHE, else ~/.cache/sparse-landscape]")(func)
+
+
+def load_options(model_name: str | None, model_kwargs: str | None, data_name: str | None = None,
+                 data_dir: str | None = None):
     from landscape.inputs import LoadOptions
 
-    return LoadOptions(model=model_name, model_kwargs=parse_model_kwargs(model_kwargs), data=data_name)
+    return LoadOptions(model=model_name, model_kwargs=parse_model_kwargs(model_kwargs), data=data_name,
+                       data_dir=data_dir)
 
 
 def emit_result(result, own: dict[str, Any], as_json: bool, summary: str, what: str) -> None:

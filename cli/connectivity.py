@@ -6,7 +6,7 @@ import click
 
 from landscape.settings import PathSettings
 
-from .analysis import emit_result, load_options, number, output_options
+from .analysis import architecture_options, data_dir_option, emit_result, load_options, number, output_options
 from .options import build, settings_options
 from .output import (allow_incomplete_option, device_option, handle_errors, json_option, log, model_data_options,
                      progress_bar, resolve_device, table)
@@ -21,11 +21,12 @@ BARRIERS = ("error_barrier", "error_barrier_linear", "error_barrier_alpha", "err
 @settings_options(PathSettings)
 @output_options
 @model_data_options
+@data_dir_option
 @device_option
 @json_option
 @handle_errors
-def barrier(checkpoint_a, checkpoint_b, out, overwrite, model_name, model_kwargs, data_name, device, as_json,
-            **settings):
+def barrier(checkpoint_a, checkpoint_b, out, overwrite, model_name, model_kwargs, data_name, data_dir, device,
+            as_json, **settings):
     """Error and loss barriers on the straight line between two checkpoints.
 
     Writes a dataset to --out, by default RUN/analysis/barrier_<A>__<B>.nc when CHECKPOINT_A
@@ -37,7 +38,7 @@ def barrier(checkpoint_a, checkpoint_b, out, overwrite, model_name, model_kwargs
       landscape barrier runs/a/checkpoints/cycle_002.pt runs/a/checkpoints/cycle_003.pt
     """
     _run([checkpoint_a, checkpoint_b], settings, as_json, files=True, out=out, overwrite=overwrite,
-         device=resolve_device(device), options=load_options(model_name, model_kwargs, data_name))
+         device=resolve_device(device), options=load_options(model_name, model_kwargs, data_name, data_dir))
 
 
 @click.command()
@@ -45,11 +46,14 @@ def barrier(checkpoint_a, checkpoint_b, out, overwrite, model_name, model_kwargs
 @click.argument("run_b", type=click.Path(path_type=str), required=False)
 @settings_options(PathSettings)
 @output_options
+@architecture_options
+@data_dir_option
 @allow_incomplete_option
 @device_option
 @json_option
 @handle_errors
-def connectivity(run, run_b, out, overwrite, allow_incomplete, device, as_json, **settings):
+def connectivity(run, run_b, out, overwrite, model_name, model_kwargs, data_dir, allow_incomplete, device, as_json,
+                 **settings):
     """Barriers between consecutive cycle checkpoints of RUN, or between the matching cycle
     checkpoints of RUN and RUN_B (instability analysis).
 
@@ -63,7 +67,8 @@ def connectivity(run, run_b, out, overwrite, allow_incomplete, device, as_json, 
       landscape connectivity runs/seed0 runs/seed1
     """
     _run([path for path in (run, run_b) if path is not None], settings, as_json, out=out, overwrite=overwrite,
-         allow_incomplete=allow_incomplete, device=resolve_device(device))
+         allow_incomplete=allow_incomplete, device=resolve_device(device),
+         options=load_options(model_name, model_kwargs, data_dir=data_dir))
 
 
 def _run(inputs: list[str], settings: dict, as_json: bool, **how) -> None:

@@ -73,7 +73,9 @@ def model_data_options(func: Callable) -> Callable:
     """For plain state_dict files from a user's own training code."""
     func = click.option("--data", "data_name", default=None, help="Data set a plain state_dict was trained on (e.g. mnist1d).")(func)
     func = click.option("--model-kwargs", default=None, help="JSON object of model keyword arguments.")(func)
-    func = click.option("--model", "model_name", default=None, help="Model name for a plain state_dict file.")(func)
+    func = click.option("--model", "model_name", default=None,
+                        help="Model name for a plain state_dict file, or the module.path:factory a checkpoint names "
+                             "(allows importing it).")(func)
     return func
 
 

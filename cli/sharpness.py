@@ -6,7 +6,7 @@ import click
 
 from landscape.settings import SharpnessSettings
 
-from .analysis import emit_result, load_options, output_options
+from .analysis import data_dir_option, emit_result, load_options, output_options
 from .options import build, settings_options
 from .output import (allow_incomplete_option, device_option, handle_errors, json_option, log, model_data_options,
                      progress_bar, resolve_device, table)
@@ -20,12 +20,13 @@ MAX_TABLE_EIGENVALUES = 5
 @settings_options(SharpnessSettings, exclude=("density_steps", "density_runs"))
 @output_options
 @model_data_options
+@data_dir_option
 @allow_incomplete_option
 @device_option
 @json_option
 @handle_errors
-def sharpness(path, checkpoints, out, overwrite, model_name, model_kwargs, data_name, allow_incomplete, device, as_json,
-              **settings):
+def sharpness(path, checkpoints, out, overwrite, model_name, model_kwargs, data_name, data_dir, allow_incomplete,
+              device, as_json, **settings):
     """Top Hessian eigenvalues of the mean training loss for every checkpoint of RUN (or of
     one checkpoint file), restricted to each checkpoint's mask, by Lanczos.
 
@@ -42,12 +43,14 @@ def sharpness(path, checkpoints, out, overwrite, model_name, model_kwargs, data_
     """
     from landscape.sharpness import sharpness as compute
     from landscape.store import settings_of
+    from sparse_training.rundir import require_label
 
-    labels = [label.strip() for label in checkpoints.split(",") if label.strip()] if checkpoints else None
+    # Labels only, checked before any path is formed, so that none names a file outside the run.
+    labels = [require_label(label.strip()) for label in (checkpoints or "").split(",") if label.strip()] or None
     with progress_bar(0, "Hessian-vector products", "HVP") as bar:
         result = compute(path, build(SharpnessSettings, settings), labels=labels, out=out, overwrite=overwrite,
                          allow_incomplete=allow_incomplete, device=resolve_device(device),
-                         options=load_options(model_name, model_kwargs, data_name), progress=bar, log=log)
+                         options=load_options(model_name, model_kwargs, data_name, data_dir), progress=bar, log=log)
     ds = result.dataset
     own = {"samples": int(ds.samples), "settings": settings_of(ds),
            "checkpoints": {label: _checkpoint(ds, label) for label in ds.checkpoint.values.tolist()

@@ -29,10 +29,12 @@ def train_options(func):
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file with [data] [model] [optim] [prune] [run] tables; flags override it.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N. [cuda if available]")
+@click.option("--max-parameters", type=click.IntRange(min=1), default=None,
+              help="Refuse a model with more parameters than this (its size may come from config.json). [2e9]")
 @train_options
 @json_option
 @handle_errors
-def train(out, resume_dir, config_file, device, as_json, **flags):
+def train(out, resume_dir, config_file, device, max_parameters, as_json, **flags):
     """Train a network by one of the methods into a run directory.
 
     \b
@@ -50,14 +52,28 @@ def train(out, resume_dir, config_file, device, as_json, **flags):
         raise UserError("give exactly one of --out RUN (a new run) or --resume RUN (continue one)")
     overrides = {section: given(cls, flags, f"{section}__") for section, cls in SECTIONS.items()}
     overrides = {section: values for section, values in overrides.items() if values}
-    if resume_dir and (overrides or config_file):
-        raise UserError("--resume takes the run's own config.json; drop the other training options")
+    typed_model = overrides.get("model", {}).get("name")
+    if resume_dir is not None and (_beyond_resume(overrides) or config_file):
+        raise UserError("--resume takes the run's own config.json; besides --device, --data-dir, --download and "
+                        "--max-parameters it accepts only --model (to allow importing the run's model factory)")
+    stored = load_toml(config_file) if config_file else {}
+    if isinstance(stored.get("data"), dict) and "download" in stored["data"]:
+        raise UserError(f"{config_file} says whether to download; only the command line does: drop it and pass --download")
     overrides.setdefault("run", {})["device"] = resolve_device(device)
-    config = Config.from_dict(merge(load_toml(config_file) if config_file else {}, overrides))
+    config = Config.from_dict(merge(stored, overrides))
     with stop_on_signals(StopFlag()) as stop:
-        result = train_run(config, resume_dir or out, resume=bool(resume_dir), command=" ".join(["landscape"] + sys.argv[1:]),
-                           log=log, progress_factory=_progress_bar if progress_enabled() else None, stop=stop)
+        result = train_run(config, out if resume_dir is None else resume_dir, resume=resume_dir is not None,
+                           command=" ".join(["landscape"] + sys.argv[1:]), log=log,
+                           progress_factory=_progress_bar if progress_enabled() else None, stop=stop,
+                           typed_model=typed_model, max_parameters=max_parameters)
     emit(result, as_json, _summary(result))
+
+
+def _beyond_resume(overrides: dict) -> bool:
+    """Whether flags other than those --resume accepts were given: the command line still
+    says where data lives and whether to download, and which model factory may be imported."""
+    allowed = {"model": {"name"}, "data": {"data_dir", "download"}}
+    return any(set(values) - allowed.get(section, set()) for section, values in overrides.items())
 
 
 def _progress_bar(total: int, initial: int):

@@ -8,23 +8,26 @@ Paths come from `sparse_training.rundir` only."""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 from sparse_training.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoints
 from sparse_training.errors import UserError
 from sparse_training.records import read_config
-from sparse_training.rundir import RunDir, analysis_output
+from sparse_training.rundir import RunDir, analysis_output, require_label
 
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """--model/--model-kwargs/--data, for plain state_dict files."""
+    """--model/--model-kwargs/--data, for plain state_dict files and a run's user model
+    factory; --data-dir, where evaluated data live (None: $SPARSE_LANDSCAPE_CACHE or the
+    default cache)."""
 
     model: str | None = None
     model_kwargs: dict[str, Any] | None = None
     data: str | None = None
+    data_dir: str | None = None
 
 
 class Input(NamedTuple):
@@ -35,7 +38,17 @@ class Input(NamedTuple):
 
 
 def load(path: str | Path, options: LoadOptions) -> Checkpoint:
-    return load_checkpoint(path, model=options.model, model_kwargs=options.model_kwargs, data=options.data)
+    """A checkpoint for an analysis: real weights only, and data read from where the user
+    says, never from where the checkpoint says (a file could name any directory to write a
+    cache into, or ask for a download)."""
+    ckpt = load_checkpoint(path, model=options.model, model_kwargs=options.model_kwargs, data=options.data)
+    for tensors in (ckpt.state_dict, ckpt.masks):
+        complex_name = next((name for name, value in tensors.items() if value.is_complex()), None)
+        if complex_name is not None:
+            raise UserError(f"{path} holds complex values in {complex_name}; analyses read real-valued weights only")
+    if ckpt.data is not None:
+        ckpt.data = replace(ckpt.data, data_dir=options.data_dir, download=False)
+    return ckpt
 
 
 def loader(options: LoadOptions) -> Callable[[Path], Checkpoint]:
@@ -57,6 +70,7 @@ def checkpoint_input(arg: str | Path, allow_incomplete: bool) -> Input:
     path, label = Path(arg), None
     if not path.exists() and "@" in str(arg):
         head, label = str(arg).rsplit("@", 1)
+        require_label(label)  # before any path is formed from it: a label never leaves the run
         path = Path(head)
         if not path.is_dir():
             raise UserError(f"{head} is not a run directory; RUN@LABEL names a checkpoint of a run (e.g. runs/a@cycle_002)")

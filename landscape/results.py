@@ -94,15 +94,24 @@ def update_whole(
     from `store.provenance`), else `compute()` with `attrs`, written in its place."""
     path, labels = Path(path), list(labels)
     stored = None if overwrite else _readable(path, analysis, None, overwrite)
-    if stored is not None and all(stored.attrs.get(key) == attrs[key] for key in ("inputs", "settings")):
+    if _same_inputs(stored, attrs):
         return AnalysisResult(stored, path, labels, [], labels)
-    if stored is not None:
-        log(f"note: {path} was computed from other inputs or settings; replacing it")
     ds = compute()  # before the lock: bad input leaves nothing behind
     ds.attrs = dict(attrs)
     with store.locked(path):
+        # Checked again where it is written: another process may have written the file since,
+        # and replacing its result must be said, never silent.
+        stored = None if overwrite else _readable(path, analysis, None, overwrite)
+        if _same_inputs(stored, attrs):
+            return AnalysisResult(stored, path, labels, [], labels)
+        if stored is not None:
+            log(f"note: {path} was computed from other inputs or settings; replacing it")
         store.write_dataset(ds, path)
     return AnalysisResult(ds, path, labels, labels, [])
+
+
+def _same_inputs(stored: xr.Dataset | None, attrs: Mapping[str, str]) -> bool:
+    return stored is not None and all(stored.attrs.get(key) == attrs[key] for key in ("inputs", "settings"))
 
 
 def _readable(path: Path, analysis: str, dim: str | None, overwrite: bool) -> xr.Dataset | None:

@@ -110,11 +110,14 @@ def write_dataset(ds: xr.Dataset, path: str | Path) -> Path:
     for name, var in ds.data_vars.items():
         if var.dtype.kind == "f" and not bool(np.isfinite(var.values).all()) and not var.attrs.get("allow_nan"):
             raise ValueError(f"variable {name!r} holds non-finite values")
-    with atomic_path(path) as tmp:  # a failing write is one error that names `path`; the old file stays
-        ds.to_netcdf(tmp, engine=ENGINE)
-        content = tmp.read_bytes()
-        with open(tmp, "ab") as handle:
-            handle.write(CHECKSUM_TAG + hashlib.sha256(content).hexdigest().encode() + b"\n")
+    # Serialised in memory, then written by plain file I/O: HDF5 writing onto a full disk
+    # raises RuntimeError ("Disable slist on flush dest failure") or segfaults inside the write
+    # (exit 139), which nothing can catch. A plain write fails with OSError, which atomic_path
+    # turns into one line (exit 1) naming `path`, the old file intact, no temporary file left.
+    content = bytes(ds.to_netcdf(engine=ENGINE))
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(content + CHECKSUM_TAG + hashlib.sha256(content).hexdigest().encode() + b"\n")
     return path
 
 

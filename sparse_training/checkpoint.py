@@ -8,6 +8,7 @@ A user's plain `state_dict` file is read too, given --model (and --data to evalu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +52,11 @@ class Checkpoint:
 
     def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
         """A fresh model with this checkpoint's weights, on `device`, in eval mode."""
-        from .models import build_model
+        from .models import build_model, sized_model
 
         if self.model is None:
             raise UserError(f"{self.path} is a plain state_dict; say which model it is with --model NAME")
+        sized_model(self.model, allow_import=self.model_from_user)  # the kwargs come from the file: count first
         model = build_model(self.model, allow_import=self.model_from_user)
         try:
             model.load_state_dict(self.state_dict, strict=True)
@@ -115,6 +117,9 @@ def load_checkpoint(
             ckpt.data = DataConfig(name=data)
     else:
         ckpt = _from_state_dict(path, raw, model, model_kwargs, data)
+    complex_ = [k for k, v in ckpt.state_dict.items() if v.is_complex()]
+    if complex_:  # no model of ours has complex weights, and sign and magnitude are undefined for them
+        raise UserError(f"{path} has complex values in {complex_[0]}; weights must be real numbers")
     if check_finite:
         bad = [k for k, v in ckpt.state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
@@ -133,8 +138,12 @@ def _from_payload(path: Path, raw: dict[str, Any]) -> Checkpoint:
         if not (_is_tensor_dict(state_dict) and _is_tensor_dict(masks)):
             raise TypeError("state_dict and masks must map names to dense tensors")
         model_cfg = section(ModelConfig, raw["model"], "model")
-        data_cfg = section(DataConfig, raw["data"], "data") if raw.get("data") is not None else None
+        data_cfg = _data_config(raw["data"]) if raw.get("data") is not None else None
         fields = {key: _typed(raw, key, kinds) for key, kinds in _PAYLOAD_FIELDS.items()}
+        if not all(0 <= (fields[key] or 0) < 2**63 for key in ("cycle", "epoch", "step")):
+            raise ValueError("cycle, epoch and step must lie in [0, 2**63)")
+        if not 0.0 <= (fields["sparsity"] or 0.0) <= 1.0:
+            raise ValueError("sparsity must lie in [0, 1]")
         if not all(isinstance(k, str) and _is_number(v) for k, v in fields["metrics"].items()):
             raise TypeError("metrics must map names to numbers")
     except (KeyError, TypeError, ValueError, UserError) as error:
@@ -149,6 +158,16 @@ def _from_payload(path: Path, raw: dict[str, Any]) -> Checkpoint:
         sparsity=float(fields["sparsity"] or 0.0), method=fields["method"], metrics=dict(fields["metrics"] or {}),
         config=dict(fields["config"] or {}),
     )
+
+
+def _data_config(raw: Any) -> DataConfig:
+    """The data a checkpoint was trained on, checked like a flag. Where data lives and whether
+    it may be downloaded are never taken from a file: analyses set them from their own flags."""
+    from .config import check_data, section
+
+    data = dataclasses.replace(section(DataConfig, raw, "data"), data_dir=None, download=False)
+    check_data(data)
+    return data
 
 
 # The plain fields of a checkpoint and the types they may have (None: absent).
@@ -180,12 +199,14 @@ def _complete_masks(path: Path, state_dict, masks, model_cfg: ModelConfig | None
     A user model named in the file is not imported: its stored masks are taken as they are."""
     if model_cfg is None:
         return masks
-    if ":" in model_cfg.name and not model_cfg.name.startswith("tv:") and not allow_import:
+    from .models import imports_code
+
+    if imports_code(model_cfg.name) and not allow_import:
         return {name: m.bool() for name, m in masks.items()}
     from .masks import prunable_parameters
-    from .models import build_model
+    from .models import sized_model
 
-    names = prunable_parameters(build_model(model_cfg, allow_import=allow_import)).keys()
+    names = prunable_parameters(sized_model(model_cfg, allow_import=allow_import)).keys()
     full = {}
     for name in names:
         if name in masks:
@@ -206,9 +227,9 @@ def _from_state_dict(path: Path, raw: dict[str, Any], model: str | None, model_k
         raise UserError(f"{path} is a plain state_dict; say which model it is with --model NAME [--model-kwargs JSON] --data NAME")
     model_cfg = ModelConfig(model, dict(model_kwargs or {}))
     from .masks import mask_from_weights, prunable_parameters
-    from .models import build_model
+    from .models import sized_model
 
-    names = list(prunable_parameters(build_model(model_cfg, allow_import=True)))
+    names = list(prunable_parameters(sized_model(model_cfg, allow_import=True)))
     missing = [n for n in names if n not in raw]
     if missing:
         raise UserError(f"{path} does not fit model {model!r}: no {missing[0]!r}; check --model/--model-kwargs")

@@ -247,12 +247,29 @@ def check(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+def _check_int64(config: Config) -> None:
+    """Counts, steps and seeds are int64 in torch, numpy and every file: a larger integer is
+    bad input, not a long job."""
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(config, name), f.name)
+            check(type(value) is not int or -2**63 < value < 2**63,
+                  f"{f.name.replace('_', '-')} must lie in (-2**63, 2**63), got {value}")
+
+
+def check_data(data: DataConfig) -> None:
+    """The checks of a data config, also applied to one read from a checkpoint."""
+    check(0 <= data.seed < 2**63, "seeds must be integers in [0, 2**63)")
+    check(0 <= data.num_workers <= 1024, f"num-workers must be in [0, 1024], got {data.num_workers}")
+
+
 def resolve(config: Config) -> Config:
     """Fill method-dependent defaults and check every value; raise UserError on the first
     problem. The method checks the settings it reads (`Method.validate`)."""
     from . import methods, pruners
 
     run, prune, optim = config.run, config.prune, config.optim
+    _check_int64(config)
     method = methods.get(run.method)
     pruners.get(prune.pruner)
     check(optim.schedule in SCHEDULES, f"unknown schedule {optim.schedule!r}; choose one of {', '.join(SCHEDULES)}")
@@ -266,8 +283,8 @@ def resolve(config: Config) -> Config:
     check(0.0 <= optim.warmup_start <= 1.0, f"warmup-start must be in [0, 1], got {optim.warmup_start}")
     check(0.0 < optim.gamma < math.inf, f"gamma must be a positive number, got {optim.gamma}")
     check(all(0.0 < m < 1.0 for m in optim.milestones), f"milestones must lie in (0, 1), got {list(optim.milestones)}")
-    check(0 <= run.seed < 2**63 and 0 <= config.data.seed < 2**63, "seeds must be integers in [0, 2**63)")
-    check(config.data.num_workers >= 0, f"num-workers must be >= 0, got {config.data.num_workers}")
+    check(0 <= run.seed < 2**63, "seeds must be integers in [0, 2**63)")
+    check_data(config.data)
     check(optim.batch_size >= 1 and optim.eval_batch_size >= 1, "batch sizes must be at least 1")
     check(0.0 <= optim.warmup_fraction < 1.0, f"warmup-fraction must be in [0, 1), got {optim.warmup_fraction}")
     check(run.save_every >= 0, "save-every must be >= 0")

@@ -20,7 +20,7 @@ from .checkpoint import load_checkpoint
 from .config import Config, resolve
 from .errors import SparseTrainingError, TrainingDiverged, UserError
 from .flops import CONVENTION as FLOPS_CONVENTION
-from .io import exclusive_lock, write_bytes_atomic, write_json_atomic
+from .io import exclusive_lock, holder_file, write_bytes_atomic, write_json_atomic
 from .records import read_config, read_meta, truncate_metrics, update_meta
 from .run.session import RunSession
 from .rundir import RunDir
@@ -78,69 +78,144 @@ def _provenance(config: Config, command: str) -> dict[str, Any]:
     }
 
 
-def prepare(config: Config, out: str | Path, resume: bool) -> tuple[RunDir, Config, bool]:
-    """Decide what to do with `out` before anything is written. Returns (run, config, fresh)."""
-    run = RunDir(out)
+def prepare(config: Config, run: RunDir, resume: bool, typed_model: str | None = None) -> tuple[Config, bool]:
+    """Decide what to do with the run directory, under its lock, before anything is written.
+    Returns (config, fresh). What only the command line may say (device, data location,
+    download, a model factory to import) comes from `config`, never from a stored file."""
     if resume:
         if not run.exists():
             raise UserError(f"{run.path} holds no run to resume (no config.json); start one with `landscape train --out {run.path}`")
         stored = read_config(run)
-        return run, stored.replace("run", device=config.run.device), False
+        _check_typed_model(run, stored.model.name, typed_model)
+        return resolve(_from_command_line(stored, config)), False
     config = resolve(config)
     if run.exists():
         stored = read_config(run)
         if not _same_run(stored, config):
             raise UserError(f"{run.path} already holds a different run; choose another --out, or --resume {run.path} to continue it")
-        return run, stored.replace("run", device=config.run.device), False
-    leftovers = set(run.stray_temporaries()) | {run.lock}  # of a run killed before its config.json was written
-    if run.path.exists() and (not run.path.is_dir() or any(p not in leftovers for p in run.path.iterdir())):
+        return resolve(_from_command_line(stored, config)), False
+    # Of a run killed before its config.json was written (the lock files are this process's own).
+    leftovers = set(run.stray_temporaries()) | {run.lock, holder_file(run.lock)}
+    if any(p not in leftovers for p in run.path.iterdir()):
         raise UserError(f"{run.path} exists and is not an empty directory or a run; choose another --out")
-    return run, config, True
+    return config, True
+
+
+def _from_command_line(stored: Config, given: Config) -> Config:
+    """The stored run with the settings a file may not choose taken from the command line:
+    a file that says `download` or `data_dir` would make training fetch or write where it says."""
+    data = given.data
+    return stored.replace("run", device=given.run.device).replace("data", data_dir=data.data_dir, download=data.download)
+
+
+def _check_typed_model(run: RunDir, stored: str, typed: str | None) -> None:
+    """A module.path:factory read from config.json is imported only when the user types it."""
+    from .models import imports_code
+
+    if typed is not None and typed != stored:
+        raise UserError(f"--model {typed} is not the model of {run.path} ({stored}); drop --model or pass --model {stored}")
+    if imports_code(stored) and typed is None:
+        raise UserError(f"{run.path} uses the model factory {stored}, which is imported only when typed on the command "
+                        f"line: add --model {stored} to --resume if you trust it")
 
 
 def train_run(config: Config, out: str | Path, *, resume: bool = False, command: str = "",
               log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
-              progress_factory: Callable[[int, int], Any] | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
+              progress_factory: Callable[[int, int], Any] | None = None, stop: StopFlag | None = None,
+              typed_model: str | None = None, max_parameters: int | None = None) -> dict[str, Any]:
     """Train `config` into the run directory `out` (or continue it). Returns a summary dict.
-    Everything that can be checked is checked before the first file is written."""
-    from .data import load_data
-
-    run, config, fresh = prepare(config, out, resume)
-    if run.is_done():
-        return {"run": str(run.path), "status": "already complete", **_final_summary(run)}
-    data = load_data(config.data, config.run.device)
-    stop = stop if stop is not None else StopFlag()
-    session = RunSession(run, config, data, config.run.device, log, stop=lambda: bool(stop))
-    if fresh:
-        session.initialise()
-    run.path.mkdir(parents=True, exist_ok=True)
+    The run's lock is taken before anything about the directory is decided, and everything
+    that can be checked is checked before the first file is written. On resume, `typed_model`
+    is the --model the user typed (the only way a stored module.path:factory is imported)."""
+    run, created = _run_directory(out, resume)
     busy = (f"{run.path} is being trained by another process right now; wait for it to finish, or stop it "
             f"(it saves its resume state on SIGTERM) and then `landscape train --resume {run.path}`")
-    with exclusive_lock(run.lock, wait=False, busy=busy):
-        return _train_locked(session, fresh, command, log, progress_factory, stop)
+    with exclusive_lock(run.lock, wait=False, busy=busy, record_holder=True):
+        try:
+            config, fresh = prepare(config, run, resume, typed_model)
+            if run.is_done():
+                return {"run": str(run.path), "status": "already complete", **_final_summary(run)}
+            return _train_locked(run, config, fresh, command, log, progress_factory,
+                                 stop if stop is not None else StopFlag(), max_parameters)
+        except BaseException:
+            if created and set(run.path.iterdir()) <= {run.lock, holder_file(run.lock)}:  # refused before writing
+                _remove_run_directory(run)
+            raise
 
 
-def _train_locked(session: RunSession, fresh: bool, command: str, log: Callable[[str], None],
-                  progress_factory: Callable[[int, int], Any] | None, stop: StopFlag) -> dict[str, Any]:
+def _remove_run_directory(run: RunDir) -> None:
+    """Leave no trace of a new run refused before it wrote anything (the lock is still ours)."""
+    holder_file(run.lock).unlink(missing_ok=True)
+    run.lock.unlink(missing_ok=True)
+    run.path.rmdir()
+
+
+def _run_directory(out: str | Path, resume: bool) -> tuple[RunDir, bool]:
+    """The run directory, created if a new run goes there (its lock file lives inside), and
+    whether this call created it."""
+    flag = "--resume" if resume else "--out"
+    if not str(out).strip():
+        raise UserError(f"{flag} needs a directory; got an empty path")
+    run = RunDir(out)
+    if resume and not run.path.is_dir():
+        raise UserError(f"{run.path} holds no run to resume (not a directory); start one with `landscape train --out {run.path}`")
+    if run.path.exists() and not run.path.is_dir():
+        raise UserError(f"{run.path} exists and is not an empty directory or a run; choose another --out")
+    created = not run.path.exists()
+    run.path.mkdir(parents=True, exist_ok=True)
+    return run, created
+
+
+def _train_locked(run: RunDir, config: Config, fresh: bool, command: str, log: Callable[[str], None],
+                  progress_factory: Callable[[int, int], Any] | None, stop: StopFlag,
+                  max_parameters: int | None) -> dict[str, Any]:
     """The part of train_run that writes: only one process at a time holds the run's lock."""
-    run, config = session.run, session.config
+    from .data import load_data
+
+    data = load_data(config.data, config.run.device)
+    session = RunSession(run, config, data, config.run.device, log, stop=lambda: bool(stop),
+                         max_parameters=max_parameters)
+    if fresh:
+        session.initialise()
     for leftover in run.stray_temporaries():  # of writes a killed process never finished
         leftover.unlink(missing_ok=True)
     if fresh:
-        write_json_atomic(run.config, config.to_dict())
-        write_json_atomic(run.meta, _provenance(config, command))
-        position, cycle_started = Position(0, 0, 0, 0), False
-        session.save_checkpoint("init", position, None, None)
-    elif run.state.exists():
+        write_json_atomic(run.config, session.config.to_dict())
+        write_json_atomic(run.meta, _provenance(session.config, command))
+    elif not read_meta(run).get("started"):  # the first meta.json write failed: record the provenance now
+        recovered = {**_provenance(session.config, command), "provenance_note": "recorded on resume"}
+        write_json_atomic(run.meta, {**recovered, **read_meta(run)})
+    try:
+        position, cycle_started = _start_position(session, fresh, log)
+        update_meta(run, status="running", device=config.run.device)
+        return _train_from(session, position, cycle_started, progress_factory, stop)
+    except (UserInterrupted, TrainingDiverged):
+        raise
+    except Exception as error:
+        _record_failure(run, error)
+        raise
+
+
+def _start_position(session: RunSession, fresh: bool, log: Callable[[str], None]) -> tuple[Position, bool]:
+    run = session.run
+    if fresh:
+        session.save_checkpoint("init", Position(0, 0, 0, 0), None, None)
+        return Position(0, 0, 0, 0), False
+    if run.state.exists():
         position, cycle_started = session.load_state()
         truncate_metrics(run, (position.cycle, position.epoch) if cycle_started else (position.cycle - 1, 10**9))
         log(f"resuming {run.path} at cycle {position.cycle}, epoch {position.epoch}, step {position.step}")
-    else:  # killed between config.json and the first state: start over inside the same directory
-        position, cycle_started = Position(0, 0, 0, 0), False
-        truncate_metrics(run, (-1, -1))
-        session.initialise()
-        session.save_checkpoint("init", position, None, None)
-    update_meta(run, status="running", device=config.run.device)
+        return position, cycle_started
+    # killed between config.json and the first state: start over inside the same directory
+    truncate_metrics(run, (-1, -1))
+    session.initialise()
+    session.save_checkpoint("init", Position(0, 0, 0, 0), None, None)
+    return Position(0, 0, 0, 0), False
+
+
+def _train_from(session: RunSession, position: Position, cycle_started: bool,
+                progress_factory: Callable[[int, int], Any] | None, stop: StopFlag) -> dict[str, Any]:
+    run = session.run
     progress = progress_factory(session.total_steps, position.step) if progress_factory else None
     try:
         session.train(position, cycle_started, progress=progress.update if progress else None)
@@ -157,6 +232,17 @@ def _train_locked(session: RunSession, fresh: bool, command: str, log: Callable[
                 training_flops_note=FLOPS_CONVENTION)
     write_bytes_atomic(run.done, b"done\n")
     return {"run": str(run.path), "status": "trained", **_final_summary(run)}
+
+
+def _record_failure(run: RunDir, error: Exception) -> None:
+    """meta.json says why the run stopped; when that write fails too, the original error is
+    still the one reported."""
+    lines = str(error).strip().splitlines()
+    reason = lines[0] if isinstance(error, SparseTrainingError) and lines else f"{type(error).__name__}: {lines[0] if lines else ''}"
+    try:
+        update_meta(run, status="failed", error=reason[:300])
+    except SparseTrainingError:
+        pass
 
 
 class UserInterrupted(SparseTrainingError):

@@ -9,10 +9,11 @@ import os
 from typing import Any
 
 from .errors import UserError
-from .io import read_json, write_bytes_atomic, write_failed, write_json_atomic
+from .io import open_regular, read_json, write_bytes_atomic, write_failed, write_json_atomic
 from .rundir import RunDir
 
 METRICS_HEADER = ("cycle", "epoch", "step", "split", "metric", "value")
+MAX_COUNTER = 2**63  # cycle, epoch and step are stored as int64 by every reader downstream
 
 
 def read_config(run: RunDir):
@@ -52,17 +53,25 @@ def read_metrics(run: RunDir) -> list[dict[str, Any]]:
     if not run.metrics.exists():
         return []
     try:
-        with open(run.metrics, newline="") as handle:
+        with io.TextIOWrapper(open_regular(run.metrics, "metrics.csv"), newline="") as handle:
             reader = csv.DictReader(handle)
             if tuple(reader.fieldnames or ()) != METRICS_HEADER:
                 raise UserError(f"{run.metrics} does not have the columns {','.join(METRICS_HEADER)}")
             return [
-                {"cycle": int(r["cycle"]), "epoch": int(r["epoch"]), "step": int(r["step"]),
+                {"cycle": _counter(r["cycle"]), "epoch": _counter(r["epoch"]), "step": _counter(r["step"]),
                  "split": r["split"], "metric": r["metric"], "value": float(r["value"])}
                 for r in reader
             ]
     except (ValueError, TypeError, KeyError, csv.Error, UnicodeDecodeError) as error:
-        raise UserError(f"{run.metrics} is corrupt ({error}); it can be rebuilt only by re-running training") from None
+        raise UserError(f"{run.metrics} is corrupt ({str(error)[:160]}); it can be rebuilt only by re-running "
+                        "training") from None
+
+
+def _counter(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < MAX_COUNTER:
+        raise ValueError(f"cycle, epoch and step must lie in [0, 2**63), got {text[:30]}")
+    return value
 
 
 def truncate_metrics(run: RunDir, through: tuple[int, int]) -> None:
@@ -71,7 +80,8 @@ def truncate_metrics(run: RunDir, through: tuple[int, int]) -> None:
     crash (or a full disk) cut short. Rewritten atomically."""
     if not run.metrics.exists():
         return
-    written = run.metrics.read_bytes()
+    with open_regular(run.metrics, "metrics.csv") as handle:
+        written = handle.read()
     try:
         lines = list(csv.reader(io.StringIO(written.decode(errors="replace"), newline="")))
     except csv.Error as error:
@@ -92,6 +102,6 @@ def _metrics_row(fields: list[str]) -> tuple | None:
     try:
         cycle, epoch, step, split, metric, value = fields
         float(value)
-        return int(cycle), int(epoch), int(step), split, metric, value
+        return _counter(cycle), _counter(epoch), _counter(step), split, metric, value
     except ValueError:
         return None

@@ -134,14 +134,25 @@ def test_full_disk_while_writing_a_dataset_keeps_the_previous_one(reference, tmp
     run_cli("connectivity", str(run), "--points", "2")
     target = run / "analysis" / "connectivity.nc"
     before = target.read_bytes()
-    original = xr.Dataset.to_netcdf
 
-    def to_netcdf(self, path, *args, **kwargs):
-        original(self, path, *args, **kwargs)
-        os.truncate(path, os.path.getsize(path) // 2)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    class FullDisk:
+        """The dataset file (serialised in memory, then written plainly): half of it fits."""
 
-    monkeypatch.setattr(xr.Dataset, "to_netcdf", to_netcdf)
+        def __init__(self, file, mode="r"):
+            self.handle = builtins.open(file, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.handle.write(data[:len(data) // 2])
+            self.handle.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store, "open", FullDisk, raising=False)
     failed = run_cli("connectivity", str(run), "--points", "3", "--overwrite", expect=1)
     assert one_error_line(failed) == (f"error: cannot write {target} (No space left on device); nothing was replaced: "
                                       "the previous connectivity.nc is intact")

@@ -12,11 +12,14 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .style import (
-    by_method, PlotInputError, as_list, axis_label, header_handle, legend_outside, mark_unit_interval, method_of, method_style,
+    NUMBER, TEXT, by_method, PlotInputError, as_list, axis_label, header_handle,
+    legend_outside, mark_unit_interval, method_of, method_style,
     new_figure, percent, require, run_labels, scaled, short_checkpoint, set_title, styled,
 )
 
-REQUIRED = ("error", "loss", "alpha", "split", "pair", "error_barrier")
+PATH = ("pair", "split", "alpha")
+REQUIRED = {"error": (PATH, NUMBER), "loss": (PATH, NUMBER), "alpha": (("alpha",), NUMBER),
+            "split": (("split",), TEXT), "pair": (("pair",), TEXT), "error_barrier": (("pair", "split"), NUMBER)}
 SPLIT_ORDER = ("train", "test")
 QUANTITIES = (("error", True), ("loss", False))  # (variable, shown in %)
 
@@ -27,7 +30,7 @@ def plot_connectivity(datasets: xr.Dataset | Sequence[xr.Dataset]) -> Figure:
     method, lighter for earlier pairs."""
     datasets = by_method(as_list(datasets))
     for ds in datasets:
-        require(ds, REQUIRED, "connectivity")
+        require(ds, REQUIRED, "connectivity", may_be_empty=("pair",))  # a one-cycle run: no pairs yet
     drawn = [(ds, label) for ds, label in zip(datasets, run_labels(datasets)) if ds.sizes["pair"]]
     if not drawn:
         raise PlotInputError("the connectivity dataset has no pairs; a run needs at least two cycles")

@@ -13,12 +13,17 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from .style import (
-    by_method, PlotInputError, as_list, axis_label, legend_outside, method_of, method_style, new_figure, require,
+    NUMBER, TEXT, by_method, PlotInputError, as_list, axis_label, legend_outside,
+    method_of, method_style, new_figure, require,
     run_labels, scaled, set_title, short_checkpoint, styled,
 )
 
-SIGNS_REQUIRED = ("flip_fraction", "flip_fraction_total", "pair", "layer", "reference", "cycle")
-OVERLAP_REQUIRED = ("jaccard_total", "jaccard_ratio_total", "mask_a", "mask_b")
+SIGNS_REQUIRED = {"flip_fraction": (("pair", "layer"), NUMBER), "flip_fraction_total": (("pair",), NUMBER),
+                  "pair": (("pair",), TEXT), "layer": (("layer",), TEXT), "reference": (("pair",), TEXT),
+                  "cycle": (("pair",), NUMBER)}
+MATRIX = ("mask_a", "mask_b")
+OVERLAP_REQUIRED = {"jaccard_total": (MATRIX, NUMBER), "jaccard_ratio_total": (MATRIX, NUMBER),
+                    "mask_a": (("mask_a",), TEXT), "mask_b": (("mask_b",), TEXT)}
 SEQUENTIAL = "rocket_r"  # light = low: reads the same in greyscale
 REFERENCE_LINES = {"init": "-", "rewind": "--", "previous cycle": ":"}
 ANNOTATE_MAX_CELLS = 120  # beyond this the numbers in the cells become unreadable

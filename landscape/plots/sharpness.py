@@ -11,11 +11,13 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from .style import (
-    by_method, DENSE, as_list, axis_label, checkpoint_order, legend_outside, method_of, method_style, new_figure, plain_log_axis,
+    NUMBER, TEXT, by_method, DENSE, as_list, axis_label, checkpoint_order,
+    legend_outside, method_of, method_style, new_figure, plain_log_axis,
     require, run_labels, short_checkpoint, set_title, styled,
 )
 
-REQUIRED = ("eigenvalue", "checkpoint", "eig_index")
+REQUIRED = {"eigenvalue": (("checkpoint", "eig_index"), NUMBER), "checkpoint": (("checkpoint",), TEXT),
+            "eig_index": (("eig_index",), NUMBER)}
 LOG_SPREAD = 30.0  # a log axis once the values span more than this factor
 
 

@@ -12,7 +12,7 @@ import contextvars
 import functools
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -116,15 +116,38 @@ def by_method(datasets: list[xr.Dataset]) -> list[xr.Dataset]:
     return sorted(datasets, key=lambda ds: method_order(method_of(ds)))
 
 
-def require(ds: xr.Dataset, names: Iterable[str], kind: str) -> None:
-    """Every name must be a variable or coordinate of `ds`; one line naming what is missing."""
-    missing = [name for name in names if name not in ds.variables]
+NUMBER, TEXT = "number", "text"  # what a required variable of a figure holds
+Schema = Mapping[str, tuple[tuple[str, ...], str]]  # name -> (its dims, NUMBER or TEXT)
+
+
+def require(ds: xr.Dataset, schema: Schema, kind: str, may_be_empty: Iterable[str] = ()) -> None:
+    """`ds` must hold every variable of `schema` with its dims, numbers where numbers belong,
+    no empty dimension (other than `may_be_empty`) and at least one finite value in every
+    numeric data variable: a file that was edited or crafted is one line, never a crash
+    inside matplotlib."""
+    source = ds.attrs.get("source_path") or "the dataset"
+    written_by = f"pass a {kind}.nc written by `landscape {kind}`"
+    missing = [name for name in schema if name not in ds.variables]
     if missing:
-        source = ds.attrs.get("source_path") or "the dataset"
-        raise PlotInputError(
-            f"{source} lacks {', '.join(missing)} needed for the {kind} figure; "
-            f"pass a {kind}.nc written by `landscape {kind}`"
-        )
+        raise PlotInputError(f"{source} lacks {', '.join(missing)} needed for the {kind} figure; {written_by}")
+    for name, (dims, holds) in schema.items():
+        problem = _problem(ds[name], dims, holds, set(may_be_empty), name in ds.data_vars)
+        if problem:
+            raise PlotInputError(f"{source}: {name} {problem}, which the {kind} figure cannot draw; {written_by}")
+
+
+def _problem(da: xr.DataArray, dims: tuple[str, ...], holds: str, may_be_empty: set[str], data: bool) -> str | None:
+    """What is wrong with one required variable, or None."""
+    if da.dims != dims:
+        return f"has dims ({', '.join(map(str, da.dims))}) where ({', '.join(dims)}) belong"
+    empty = next((dim for dim in dims if da.sizes[dim] == 0 and dim not in may_be_empty), None)
+    if empty is not None:
+        return f"has no {empty} entries"
+    if holds == NUMBER and da.dtype.kind not in "iuf":
+        return f"holds {da.dtype} values where numbers belong"
+    if holds == NUMBER and data and da.size and not bool(np.isfinite(da.values).any()):
+        return "holds no finite value"
+    return None
 
 
 # ---------------------------------------------------------------- what was run

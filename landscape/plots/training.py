@@ -14,11 +14,14 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from .style import (
-    by_method, DENSE, PlotInputError, as_list, axis_label, is_levelwise, legend_outside, method_of, method_order,
+    NUMBER, TEXT, by_method, DENSE, PlotInputError, as_list, axis_label, is_levelwise,
+    legend_outside, method_of, method_order,
     method_style, new_figure, percent, plain_log_axis, require, run_labels, set_title, styled,
 )
 
-REQUIRED = ("value", "run", "cycle", "epoch", "split", "metric")
+REQUIRED = {"value": (("run", "cycle", "epoch", "split", "metric"), NUMBER), "run": (("run",), TEXT),
+            "cycle": (("cycle",), NUMBER), "epoch": (("epoch",), NUMBER), "split": (("split",), TEXT),
+            "metric": (("metric",), TEXT)}
 BOUNDARY_COLOUR = "0.55"
 
 
@@ -168,7 +171,7 @@ def plot_sparsity(datasets: xr.Dataset | Sequence[xr.Dataset], x: str = "sparsit
     runs = runs_of(datasets)
     if x == "flops":
         for run in runs:
-            require(run, ["training_flops"], "metrics")
+            require(run, {"training_flops": ((), NUMBER)}, "metrics")
     grouped = _grouped(runs, x)
     if not grouped:
         raise PlotInputError("no run has a test accuracy to plot")

@@ -78,10 +78,9 @@ class TransferredMask(MaskChange):
         return f"mask of {self.source}"
 
     def apply(self, inputs: MaskInputs) -> Mask:
-        # Loading builds a model (to complete the stored masks), which draws from the global
-        # RNG; the training that follows must not depend on it.
-        with torch.random.fork_rng(devices=[]):
-            return transferred_mask(self.source, inputs.model, inputs.config.model)
+        # Loading completes the stored masks from a model built on the meta device, which
+        # draws nothing from the global RNG: the training that follows is unaffected.
+        return transferred_mask(self.source, inputs.model, inputs.config.model)
 
 
 def transferred_mask(path: str | None, model: nn.Module, model_config: ModelConfig) -> Mask:

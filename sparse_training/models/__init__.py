@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import math
 import os
 import re
@@ -21,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import torch
 from torch import nn
 
 from ..config import ModelConfig
@@ -48,6 +50,11 @@ MODELS: dict[str, ModelSpec] = {
 }
 MODEL_NAMES = tuple(MODELS)
 
+# The largest model built without the user's say-so (`landscape train --max-parameters`): the
+# kwargs of a checkpoint or config.json decide a model's size, so a file could otherwise make
+# every command allocate what it likes.
+MAX_PARAMETERS = 2_000_000_000
+
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
@@ -64,6 +71,25 @@ def build_model(config: ModelConfig, allow_import: bool = False) -> nn.Module:
     if ":" in name:
         return _build_user_model(name, kwargs, allow_import)
     raise UserError(_unknown_model(name))
+
+
+def imports_code(name: str) -> bool:
+    """Whether building the model `name` imports a module (a user's module.path:factory)."""
+    return ":" in name and not name.startswith("tv:")
+
+
+def sized_model(config: ModelConfig, allow_import: bool = False, max_parameters: int | None = None) -> nn.Module:
+    """The model built on the meta device: no memory for its weights and no draw from the
+    global RNG; refused when it has more than `max_parameters` (MAX_PARAMETERS) parameters.
+    Call it before building a model whose size a file decides."""
+    limit = MAX_PARAMETERS if max_parameters is None else max_parameters
+    with torch.device("meta"):
+        model = build_model(config, allow_import=allow_import)
+    count = parameter_count(model)
+    if count > limit:
+        raise UserError(f"model {config.name} with {json.dumps(config.kwargs, default=str)[:200]} has {count:,} "
+                        f"parameters, more than the limit of {limit:,}; raise it with --max-parameters if you mean it")
+    return model
 
 
 def model_config_for(name: str, kwargs: Mapping[str, Any] | None, num_classes: int, input_shape: tuple[int, ...],
@@ -167,8 +193,8 @@ def _call(name: str, builder: Callable[..., nn.Module], kwargs: dict[str, Any]) 
     _reject_unknown(name, kwargs, _parameters(builder))
     try:
         return builder(**kwargs)
-    except (TypeError, ValueError) as error:
-        raise UserError(f"cannot build model {name} with {kwargs}: {error}") from None
+    except (TypeError, ValueError, OverflowError, RuntimeError, MemoryError) as error:  # kwargs out of range
+        raise UserError(f"cannot build model {name} with {str(kwargs)[:200]}: {str(error).splitlines()[0][:200]}") from None
 
 
 def _build_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -182,7 +208,7 @@ def _build_torchvision(name: str, kwargs: dict[str, Any]) -> nn.Module:
         raise UserError(f"model {name} is always built untrained (nothing is downloaded); drop 'weights' from --model-kwargs")
     try:
         return tv_models.get_model(arch, weights=None, **kwargs)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError, RuntimeError, MemoryError) as error:
         raise UserError(f"cannot build model {name} with {kwargs}: {error}") from None
 
 

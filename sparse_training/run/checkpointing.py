@@ -62,5 +62,8 @@ class Checkpointing:
         state = torch_load_safe(self.run.state, "resume state")
         try:
             yield state
-        except (KeyError, TypeError, RuntimeError, ValueError) as error:
-            raise UserError(f"{self.run.state} is damaged ({error}); delete it to restart the run from scratch") from None
+        except (KeyError, TypeError, RuntimeError, ValueError, IndexError, AttributeError) as error:
+            lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+            reason = " ".join(lines[:2])[:200] if lines else type(error).__name__  # torch's text spans lines
+            raise UserError(f"{self.run.state} is damaged or does not fit the model ({reason}); delete it to "
+                            "restart the run from scratch") from None

@@ -14,6 +14,7 @@ import torch
 
 from .. import methods
 from ..config import Config
+from ..errors import UserError
 from ..masks import Mask
 from ..methods import CyclePlan
 from ..records import read_meta, update_meta
@@ -30,17 +31,21 @@ class RunSession:
     and `checkpoints` own the rest."""
 
     def __init__(self, run: RunDir, config: Config, data: Any, device: str, log: Callable[[str], None],
-                 stop: Callable[[], bool]):
-        from ..models import build_model, model_config_for
+                 stop: Callable[[], bool], max_parameters: int | None = None):
+        from ..models import build_model, model_config_for, sized_model
 
         self.run, self.data, self.device, self.log, self.stop = run, data, device, log, stop
-        # The config was typed (or written) by the user: a module.path:factory may be imported.
+        # procedures.prepare admits a module.path:factory only when the user typed it, on resume too.
         model_cfg = model_config_for(config.model.name, config.model.kwargs, data.num_classes, data.input_shape,
                                      allow_import=True)
         self.config = config.replace("model", kwargs=model_cfg.kwargs)
+        _check_keeps_weights(sized_model(self.config.model, allow_import=True, max_parameters=max_parameters),
+                             self.config.prune.sparsity)
         self.method = methods.get(self.config.run.method)
         self.plans = self.method.plan(self.config)
         self.spans = _spans(self.plans, data.steps_per_epoch(self.config.optim.batch_size))
+        if self.total_steps >= 2**63:  # the step counter is int64 in state.pt, metrics.csv and the analyses
+            raise UserError(f"{self.total_steps} training steps do not fit a 64-bit step counter; train fewer epochs")
         self.plan: CyclePlan = self.plans[0]
         torch.manual_seed(self.config.run.seed)
         self.model = build_model(self.config.model, allow_import=True).to(device)
@@ -64,9 +69,12 @@ class RunSession:
         self.method.initialise(self.model, self.config)
 
     def _warn(self, warning: str) -> None:
-        """A warning in the log and, for whoever reads the run later, in meta.json."""
+        """A warning in the log and, for whoever reads the run later, in meta.json, once: a
+        resumed run replays the steps since its last state, warnings included."""
         self.log(f"warning: {warning}")
-        update_meta(self.run, warnings=read_meta(self.run).get("warnings", []) + [warning])
+        recorded = read_meta(self.run).get("warnings", [])
+        if warning not in recorded:
+            update_meta(self.run, warnings=recorded + [warning])
 
     # -------------------------------------------------------- state and checkpoints
 
@@ -80,14 +88,16 @@ class RunSession:
 
     def load_state(self) -> tuple[Position, bool]:
         with self.checkpoints.reading_state() as state:
+            position = _checked_position(state["position"])
             self.model.load_state_dict(state["model"])
             self.optimizer = make_optimizer(self.model, self.config.optim)
             self.optimizer.load_state_dict(state["optimizer"])
+            _check_optimizer_state(self.optimizer)
             self.masks.restore({k: v.to(self.device) for k, v in state["masks"].items()}, self.optimizer,
                                int(state["flops"]))
             self.evaluation.metrics = dict(state["metrics"])
             torch.set_rng_state(state["torch_rng"])
-            return Position(**state["position"]), bool(state["cycle_started"])
+            return position, bool(state["cycle_started"])
 
     def _evaluate(self, position: Position, lr: float) -> None:
         self.evaluation.record(self.model, position, lr, self.masks.sparsity, self.masks.flops.total)
@@ -150,6 +160,35 @@ class RunSession:
             position = Position(plan.index + 1, 0, 0, position.step)
             cycle_started = False
         return position
+
+
+def _check_keeps_weights(model: torch.nn.Module, sparsity: float) -> None:
+    """A sparsity so close to 1 that no weight is kept would train a network without weights."""
+    from ..masks import prunable_parameters
+
+    total = sum(p.numel() for p in prunable_parameters(model).values())
+    if sparsity > 0 and round((1.0 - sparsity) * total) < 1:
+        raise UserError(f"sparsity {sparsity} keeps none of the model's {total:,} prunable weights; "
+                        f"the highest that keeps one is {1 - 1 / max(total, 1):.6g}")
+
+
+def _checked_position(raw: Any) -> Position:
+    """The position of a resume state; a tampered one (negative, not an integer) is refused."""
+    if not isinstance(raw, dict) or set(raw) != {"cycle", "epoch", "batch", "step"}:
+        raise ValueError("its position is not {cycle, epoch, batch, step}")
+    if not all(type(v) is int and 0 <= v < 2**63 for v in raw.values()):
+        raise ValueError("its position holds values that are not integers in [0, 2**63)")
+    return Position(**raw)
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """torch loads optimizer buffers of any shape; a wrong one would fail at the first step."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"its optimizer {name} has shape {tuple(value.shape)}, "
+                                     f"its weight {tuple(param.shape)}")
 
 
 def _spans(plans: list[CyclePlan], steps_per_epoch: int) -> list[CycleSpan]:
