@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import click
 
-from .output import emit, log, parse_model_kwargs
+from .output import emit, log, max_parameters, max_parameters_option, parse_model_kwargs
 
 
 def output_options(func: Callable) -> Callable:
@@ -24,6 +24,7 @@ def output_options(func: Callable) -> Callable:
 def architecture_options(func: Callable) -> Callable:
     """--model and --model-kwargs only: for commands that take no --data (signs and overlap,
     which never evaluate; connectivity, whose runs record their data)."""
+    func = max_parameters_option(func)
     func = click.option("--model-kwargs", default=None, help="JSON object of model keyword arguments.")(func)
     return click.option("--model", "model_name", default=None,
                         help="Model name for plain state_dict files (their masks are their exact zeros), or the "
@@ -43,7 +44,7 @@ def load_options(model_name: str | None, model_kwargs: str | None, data_name: st
     from landscape.inputs import LoadOptions
 
     return LoadOptions(model=model_name, model_kwargs=parse_model_kwargs(model_kwargs), data=data_name,
-                       data_dir=data_dir)
+                       data_dir=data_dir, max_parameters=max_parameters())
 
 
 def emit_result(result, own: dict[str, Any], as_json: bool, summary: str, what: str) -> None:

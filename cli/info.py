@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .output import emit, handle_errors, json_option, model_data_options, parse_model_kwargs, table
+from .output import emit, handle_errors, json_option, max_parameters, model_data_options, parse_model_kwargs, table
 
 METRIC_COLUMNS = ("train_accuracy", "train_loss", "test_accuracy", "test_loss")
 
@@ -57,7 +57,8 @@ def checkpoint_info(path, model_name=None, model_kwargs=None, data_name=None) ->
     from sparse_training.checkpoint import load_checkpoint
     from sparse_training.masks import layer_sparsity
 
-    ckpt = load_checkpoint(path, model=model_name, model_kwargs=model_kwargs, data=data_name)
+    ckpt = load_checkpoint(path, model=model_name, model_kwargs=model_kwargs, data=data_name,
+                           max_parameters=max_parameters())
     run = ckpt.run
     tensors = [t for t in ckpt.state_dict.values() if t.is_floating_point()]
     return {
@@ -82,7 +83,7 @@ def run_info(run) -> dict:
     checkpoints = []
     for label in run.checkpoint_labels(include_intermediate=True):
         try:
-            checkpoints.append(checkpoint_entry(load_checkpoint(run.checkpoint(label))))
+            checkpoints.append(checkpoint_entry(load_checkpoint(run.checkpoint(label), max_parameters=max_parameters())))
         except UserError as error:  # one damaged file should not hide the rest of the run
             checkpoints.append({"label": label, "error": str(error)})
     return {

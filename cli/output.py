@@ -71,6 +71,7 @@ def allow_incomplete_option(func: Callable) -> Callable:
 
 def model_data_options(func: Callable) -> Callable:
     """For plain state_dict files from a user's own training code."""
+    func = max_parameters_option(func)
     func = click.option("--data", "data_name", default=None, help="Data set a plain state_dict was trained on (e.g. mnist1d).")(func)
     func = click.option("--model-kwargs", default=None, help="JSON object of model keyword arguments.")(func)
     func = click.option("--model", "model_name", default=None,
@@ -126,6 +127,27 @@ def quiet_option(func: Callable) -> Callable:
     and the result on stdout still appear)."""
     return click.option("-q", "--quiet", is_flag=True, expose_value=False, is_eager=True, callback=_set_quiet,
                         help="No progress bars or log lines on stderr; the result and errors still appear.")(func)
+
+
+MAX_PARAMETERS = "landscape.max_parameters"  # likewise: set by --max-parameters, read by load_options
+
+
+def _set_max_parameters(ctx: click.Context, _param: click.Parameter, value: int | None) -> None:
+    if value is not None:
+        ctx.meta[MAX_PARAMETERS] = value
+
+
+def max_parameters_option(func: Callable) -> Callable:
+    """--max-parameters on every command that builds a model a file describes: its size is
+    counted on the meta device first and refused above this."""
+    return click.option("--max-parameters", type=click.IntRange(min=1), default=None, expose_value=False,
+                        callback=_set_max_parameters,
+                        help="Refuse a model a file describes with more parameters than this. [2000000000]")(func)
+
+
+def max_parameters() -> int | None:
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(MAX_PARAMETERS) if ctx is not None else None
 
 
 def quiet_enabled() -> bool:

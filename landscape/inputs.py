@@ -28,6 +28,7 @@ class LoadOptions:
     model_kwargs: dict[str, Any] | None = None
     data: str | None = None
     data_dir: str | None = None
+    max_parameters: int | None = None  # --max-parameters (None: the engine's default limit)
 
 
 class Input(NamedTuple):
@@ -41,7 +42,8 @@ def load(path: str | Path, options: LoadOptions) -> Checkpoint:
     """A checkpoint for an analysis: real weights only, and data read from where the user
     says, never from where the checkpoint says (a file could name any directory to write a
     cache into, or ask for a download)."""
-    ckpt = load_checkpoint(path, model=options.model, model_kwargs=options.model_kwargs, data=options.data)
+    ckpt = load_checkpoint(path, model=options.model, model_kwargs=options.model_kwargs, data=options.data,
+                           max_parameters=options.max_parameters)
     for tensors in (ckpt.state_dict, ckpt.masks):
         complex_name = next((name for name, value in tensors.items() if value.is_complex()), None)
         if complex_name is not None:

@@ -45,6 +45,7 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)
     plain: bool = False  # a user's plain state_dict rather than one of ours
     model_from_user: bool = False  # the user typed --model: a module.path:factory may be imported
+    max_parameters: int | None = None  # the user's limit on the model's size (None: models.MAX_PARAMETERS)
 
     @property
     def run(self) -> RunDir | None:
@@ -56,7 +57,8 @@ class Checkpoint:
 
         if self.model is None:
             raise UserError(f"{self.path} is a plain state_dict; say which model it is with --model NAME")
-        sized_model(self.model, allow_import=self.model_from_user)  # the kwargs come from the file: count first
+        # The kwargs come from the file: count first.
+        sized_model(self.model, allow_import=self.model_from_user, max_parameters=self.max_parameters)
         model = build_model(self.model, allow_import=self.model_from_user)
         try:
             model.load_state_dict(self.state_dict, strict=True)
@@ -100,7 +102,7 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> None:
 
 def load_checkpoint(
     path: str | Path, *, model: str | None = None, model_kwargs: Mapping[str, Any] | None = None,
-    data: str | None = None, check_finite: bool = True,
+    data: str | None = None, check_finite: bool = True, max_parameters: int | None = None,
 ) -> Checkpoint:
     """Load one of our checkpoints, or a user's plain state_dict when `model` (and `data`,
     for analyses that evaluate) is given. Raises UserError with a one-line message."""
@@ -109,14 +111,15 @@ def load_checkpoint(
     if not isinstance(raw, dict):
         raise UserError(f"{path} holds a {type(raw).__name__}, not a checkpoint or state_dict")
     if "schema_version" in raw and "state_dict" in raw:
-        ckpt = _from_payload(path, raw)
+        ckpt = _from_payload(path, raw, max_parameters)
         if model is not None:  # a user may override the recorded architecture kwargs, never silently
             ckpt.model = ModelConfig(model, dict(model_kwargs or ckpt.model.kwargs))
             ckpt.model_from_user = True
         if data is not None:
             ckpt.data = DataConfig(name=data)
     else:
-        ckpt = _from_state_dict(path, raw, model, model_kwargs, data)
+        ckpt = _from_state_dict(path, raw, model, model_kwargs, data, max_parameters)
+    ckpt.max_parameters = max_parameters
     complex_ = [k for k, v in ckpt.state_dict.items() if v.is_complex()]
     if complex_:  # no model of ours has complex weights, and sign and magnitude are undefined for them
         raise UserError(f"{path} has complex values in {complex_[0]}; weights must be real numbers")
@@ -127,7 +130,7 @@ def load_checkpoint(
     return ckpt
 
 
-def _from_payload(path: Path, raw: dict[str, Any]) -> Checkpoint:
+def _from_payload(path: Path, raw: dict[str, Any], max_parameters: int | None) -> Checkpoint:
     from .config import section
 
     schema = raw["schema_version"]
@@ -148,7 +151,7 @@ def _from_payload(path: Path, raw: dict[str, Any]) -> Checkpoint:
             raise TypeError("metrics must map names to numbers")
     except (KeyError, TypeError, ValueError, UserError) as error:
         raise UserError(f"{path} is a damaged checkpoint ({str(error)[:200]})") from None
-    masks = _complete_masks(path, state_dict, masks, model_cfg, allow_import=False)
+    masks = _complete_masks(path, state_dict, masks, model_cfg, allow_import=False, max_parameters=max_parameters)
     for name, mask in masks.items():
         if name not in state_dict or mask.shape != state_dict[name].shape:
             raise UserError(f"{path} is a damaged checkpoint (its mask of {name!r} fits no weight of that shape)")
@@ -194,7 +197,8 @@ def _is_tensor_dict(value: Any) -> bool:
         for k, v in value.items())
 
 
-def _complete_masks(path: Path, state_dict, masks, model_cfg: ModelConfig | None, allow_import: bool) -> dict[str, torch.Tensor]:
+def _complete_masks(path: Path, state_dict, masks, model_cfg: ModelConfig | None, allow_import: bool,
+                    max_parameters: int | None = None) -> dict[str, torch.Tensor]:
     """Dense layers have no stored mask entry: fill in all-True for every prunable weight.
     A user model named in the file is not imported: its stored masks are taken as they are."""
     if model_cfg is None:
@@ -206,7 +210,7 @@ def _complete_masks(path: Path, state_dict, masks, model_cfg: ModelConfig | None
     from .masks import prunable_parameters
     from .models import sized_model
 
-    names = prunable_parameters(sized_model(model_cfg, allow_import=allow_import)).keys()
+    names = prunable_parameters(sized_model(model_cfg, allow_import=allow_import, max_parameters=max_parameters)).keys()
     full = {}
     for name in names:
         if name in masks:
@@ -218,7 +222,8 @@ def _complete_masks(path: Path, state_dict, masks, model_cfg: ModelConfig | None
     return full
 
 
-def _from_state_dict(path: Path, raw: dict[str, Any], model: str | None, model_kwargs, data: str | None) -> Checkpoint:
+def _from_state_dict(path: Path, raw: dict[str, Any], model: str | None, model_kwargs, data: str | None,
+                     max_parameters: int | None) -> Checkpoint:
     if "state_dict" in raw and isinstance(raw["state_dict"], dict):
         raw = raw["state_dict"]  # a common wrapper: {"state_dict": ..., "epoch": ...}
     if not raw or not _is_tensor_dict(raw):
@@ -229,7 +234,7 @@ def _from_state_dict(path: Path, raw: dict[str, Any], model: str | None, model_k
     from .masks import mask_from_weights, prunable_parameters
     from .models import sized_model
 
-    names = list(prunable_parameters(sized_model(model_cfg, allow_import=True)))
+    names = list(prunable_parameters(sized_model(model_cfg, allow_import=True, max_parameters=max_parameters)))
     missing = [n for n in names if n not in raw]
     if missing:
         raise UserError(f"{path} does not fit model {model!r}: no {missing[0]!r}; check --model/--model-kwargs")
