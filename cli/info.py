@@ -36,6 +36,8 @@ def info(path, model_name, model_kwargs, data_name, as_json):
     elif target.is_file():
         result = checkpoint_info(target, model_name, parse_model_kwargs(model_kwargs), data_name)
         emit(result, as_json, checkpoint_summary(result))
+    elif target.exists():  # a FIFO or a device: opening it could block forever
+        raise UserError(f"{target} is not a regular file; pass a run directory or a checkpoint file")
     else:
         raise UserError(f"{target} does not exist; pass a run directory or a checkpoint file")
 

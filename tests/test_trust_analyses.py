@@ -105,6 +105,7 @@ def test_an_input_that_is_not_a_regular_file_is_refused(run, tmp_path):
     os.mkfifo(fifo_nc)
     invoke(["signs", run / "checkpoints" / "init.pt", fifo, "--out", tmp_path / "s.nc"], 2)
     invoke(["plot", "sharpness", fifo_nc], 2)
+    assert "not a regular file" in invoke(["info", fifo], 2).stderr
 
 
 # ---------------------------------------------------------------- bad checkpoints
