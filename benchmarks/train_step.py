@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from sparse_training.config import OptimConfig
 from sparse_training.masks import MaskedStep, prunable_parameters
 from sparse_training.models import build_model, model_config_for
+from sparse_training.acceleration import DivergenceWatch, StepRunner
 from sparse_training.trainer import CycleSpan, Position, make_optimizer, train_cycle
 
 
@@ -34,7 +35,7 @@ class OneBatch:
 
 
 class NoCallbacks:
-    def after_step(self, position, loss): pass
+    def after_step(self, position): pass
     def end_of_epoch(self, position, lr): pass
     def should_stop(self): return False
     def stopped(self, position): pass
@@ -57,7 +58,8 @@ def time_engine(model, optim, x, y, steps, device, sparsity=0.9) -> float:
     sync(device)
     start = time.perf_counter()
     train_cycle(model=model, optimizer=optimizer, masked_step=masked, data=OneBatch(x, y, steps), optim=optim,
-                span=span, start=Position(0, 0, 0, 0), seed=0, augment=False, device=device, callbacks=NoCallbacks())
+                span=span, start=Position(0, 0, 0, 0), seed=0, augment=False, runner=StepRunner(device, "fp32"),
+                watch=DivergenceWatch(device), callbacks=NoCallbacks())
     sync(device)
     return (time.perf_counter() - start) / steps
 

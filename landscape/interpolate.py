@@ -80,10 +80,13 @@ def running_stat_layers(model: nn.Module) -> list[nn.modules.batchnorm._NormBase
 
 
 @torch.no_grad()
-def recompute_bn_statistics(model: nn.Module, batches: Iterable[Any], max_batches: int, device: str | torch.device) -> int:
+def recompute_bn_statistics(model: nn.Module, batches: Iterable[Any], max_batches: int, device: str | torch.device,
+                            precision: str = "fp32") -> int:
     """Reset the running statistics of `model` and recompute them as the plain average over
-    the first `max_batches` of `batches`; returns how many batches were used. The model is
-    left in eval mode."""
+    the first `max_batches` of `batches` (forward passes in `precision`); returns how many
+    batches were used. The model is left in eval mode."""
+    from sparse_training.acceleration import autocast
+
     layers = running_stat_layers(model)
     if not layers:
         return 0
@@ -96,7 +99,8 @@ def recompute_bn_statistics(model: nn.Module, batches: Iterable[Any], max_batche
     used = 0
     try:
         for x, _ in itertools.islice(batches, max_batches):
-            model(x.to(device, non_blocking=True))
+            with autocast(device, precision):
+                model(x.to(device, non_blocking=True))
             used += 1
     finally:
         for layer, momentum in zip(layers, momenta):
@@ -134,8 +138,10 @@ def evaluate_states_path(
 ) -> PathCurves:
     """Evaluate `model` (a scratch module of the right architecture, on `device`) at every
     point between the state_dicts `state_a` and `state_b`."""
+    from sparse_training.acceleration import StepRunner
     from sparse_training.trainer import evaluate
 
+    runner = StepRunner(device, settings.precision)
     alphas = alpha_grid(settings.points)
     on_device_a = {k: v.to(device) for k, v in state_a.items()}
     on_device_b = {k: v.to(device) for k, v in state_b.items()}
@@ -148,10 +154,10 @@ def evaluate_states_path(
         model.load_state_dict(vectors.lerp(on_device_a, on_device_b, float(alpha)), strict=True)
         if recompute:
             batches = data.train_batches(settings.batch_size, settings.seed, 0, augment=False)
-            used = recompute_bn_statistics(model, batches, settings.bn_batches, device)
+            used = recompute_bn_statistics(model, batches, settings.bn_batches, device, settings.precision)
         model.eval()
         for i, split in enumerate(settings.splits):
-            result = evaluate(model, data, split, settings.batch_size, device, indices=subsets[split])
+            result = evaluate(model, data, split, settings.batch_size, device, subsets[split], runner)
             if not np.isfinite(result["loss"]):
                 raise SparseTrainingError(f"the {split} loss at alpha={alpha:.4g} is {result['loss']}: the "
                                           "interpolated network overflows; check the checkpoints")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sparse_training.config import setting
+from sparse_training.config import PRECISIONS, setting
 from sparse_training.errors import UserError
 
 
@@ -37,6 +37,9 @@ class PathSettings:
     seed: int = setting(0, "Seed of the --samples subset and of the BatchNorm batches.")
     batch_size: int | None = setting(None, "Evaluation batch size. [the run's eval batch size, else "
                                            f"{DEFAULT_EVAL_BATCH_SIZE}]")
+    precision: str = setting("fp32", "Arithmetic of the evaluations (autocast): bf16 or fp16 are faster on a GPU but "
+                                     "move losses by about 1e-2 relative, the size of small barriers.",
+                             choices=PRECISIONS)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.splits if s not in SPLITS]
@@ -46,7 +49,12 @@ class PathSettings:
         object.__setattr__(self, "splits", tuple(s for s in SPLITS if s in self.splits))
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "splits": list(self.splits), "bn_augment": False}
+        """The stored settings. fp32, the arithmetic of every file written before --precision
+        existed, is left out, so those files are still reused."""
+        stored = {**asdict(self), "splits": list(self.splits), "bn_augment": False}
+        if stored["precision"] == "fp32":
+            del stored["precision"]
+        return stored
 
 
 def validated(settings: PathSettings) -> PathSettings:
@@ -55,6 +63,8 @@ def validated(settings: PathSettings) -> PathSettings:
         raise UserError(f"--points must be at least 2 (the two endpoints) and at most {MAX_POINTS}, got {settings.points}")
     if settings.bn not in BN_MODES:
         raise UserError(f"unknown --bn mode {settings.bn!r}; choose recompute, interpolate or none")
+    if settings.precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {settings.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if not settings.splits:
         raise UserError("--split needs at least one of train, test")
     for name in ("bn_batches", "batch_size", "samples"):

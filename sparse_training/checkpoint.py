@@ -82,8 +82,10 @@ def checkpoint_payload(
     return {
         "schema_version": CHECKPOINT_SCHEMA,
         "label": label,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "masks": {k: v.detach().cpu().clone() for k, v in masks.items()},
+        # contiguous: a file never depends on the memory format its run trained in
+        "state_dict": {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                       for k, v in model.state_dict().items()},
+        "masks": {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in masks.items()},
         "model": asdict(model_config),
         "data": asdict(data_config),
         "cycle": cycle,

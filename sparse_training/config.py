@@ -24,6 +24,11 @@ MAX_CYCLES = 1000  # more is a typo (or a prune-fraction near 0), not a plan: th
 ALLOCATIONS = ("global", "uniform", "erk", "er-balanced")
 SCHEDULES = ("triangular", "step", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+PRECISIONS = ("fp32", "bf16", "fp16")
+MEMORY_FORMATS = ("auto", "channels-last", "contiguous")
+IMAGE_DECODERS = ("auto", "pil", "device")
+# Per-epoch train metrics use a subset when the training split is larger than this (`eval_train_samples`).
+FULL_TRAIN_EVAL_LIMIT, DEFAULT_EVAL_TRAIN_SAMPLES = 100_000, 10_000
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
@@ -63,6 +68,10 @@ class DataConfig:
     augment: bool = setting(True, "The data set's standard training augmentation (CIFAR: crop + flip).")
     seed: int = setting(42, "Generation seed of mnist1d / synthetic data.", flag="--data-seed")
     num_workers: int = setting(0, "DataLoader workers for the large (image folder) sources.")
+    image_decoding: str = setting("auto", "imagefolder: where JPEGs are decoded and augmented: pil (PIL in the "
+                                          "DataLoader workers) or device (workers read bytes; batched decode, crop "
+                                          "and flip on the run's device). [auto: device on CUDA, pil elsewhere]",
+                                  choices=IMAGE_DECODERS)
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,20 @@ class RunConfig:
     seed: int = setting(0, "Seed of init, pruning and data order.")
     device: str = setting("cpu", "cpu, cuda, cuda:N. [cuda if available]")
     save_every: int = setting(0, "Also checkpoint every N epochs within cycles (0: never).")
+    precision: str | None = setting(None, "Arithmetic of training and its evaluations: fp32, bf16 or fp16 (autocast; "
+                                          "fp16 with a gradient scaler). Weights, masks and optimizer state stay "
+                                          "fp32. [bf16 on CUDA devices that support it, else fp32]",
+                                    choices=lambda: PRECISIONS)
+    memory_format: str = setting("auto", "Memory format of 2-D convolutional models (checkpoints are always saved "
+                                         "contiguous). [auto: channels-last on CUDA]", choices=lambda: MEMORY_FORMATS)
+    compile: bool = setting(False, "torch.compile the model (the first steps and evaluations are slower while it "
+                                   "compiles).")
+    eval_every: int = setting(1, "Evaluate every N epochs; cycle starts and ends and every checkpoint are always "
+                                 "evaluated.")
+    eval_train_samples: int | None = setting(None, "Per-epoch train metrics on a fixed seeded subset of this many "
+                                                   "training samples; the full set at cycle starts and ends and at "
+                                                   "checkpoints. [all when the split holds at most 100,000, else "
+                                                   "10,000]")
 
 
 @dataclass(frozen=True)
@@ -288,6 +311,15 @@ def resolve(config: Config) -> Config:
     check(optim.batch_size >= 1 and optim.eval_batch_size >= 1, "batch sizes must be at least 1")
     check(0.0 <= optim.warmup_fraction < 1.0, f"warmup-fraction must be in [0, 1), got {optim.warmup_fraction}")
     check(run.save_every >= 0, "save-every must be >= 0")
+    check(run.eval_every >= 1, f"eval-every must be at least 1, got {run.eval_every}")
+    check(run.eval_train_samples is None or run.eval_train_samples >= 1,
+          f"eval-train-samples must be at least 1, got {run.eval_train_samples}")
+    check(run.precision is None or run.precision in PRECISIONS,
+          f"unknown precision {run.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check(run.memory_format in MEMORY_FORMATS,
+          f"unknown memory format {run.memory_format!r}; choose one of {', '.join(MEMORY_FORMATS)}")
+    check(config.data.image_decoding in IMAGE_DECODERS,
+          f"unknown image decoding {config.data.image_decoding!r}; choose one of {', '.join(IMAGE_DECODERS)}")
     allocation = prune.allocation or method.default_allocation(config)
     check(allocation in ALLOCATIONS, f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     check(run.cycles <= MAX_CYCLES, f"cycles must be at most {MAX_CYCLES}, got {run.cycles}")
@@ -298,4 +330,8 @@ def resolve(config: Config) -> Config:
     method.validate(config)
     check(prune.synflow_rounds >= 1 and prune.score_batches >= 1, "synflow-rounds and score-batches must be >= 1")
     check(0.0 < prune.grasp_temperature < math.inf, f"grasp-temperature must be a positive number, got {prune.grasp_temperature}")
+    if run.precision is None:
+        from .acceleration import default_precision
+
+        config = config.replace("run", precision=default_precision(run.device))
     return method.completed(config.replace("prune", allocation=allocation))

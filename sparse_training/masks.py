@@ -100,7 +100,8 @@ class MaskedStep:
         params = prunable_parameters(model)
         self.optimizer = optimizer
         self.params = [params[name] for name in mask]
-        self.factors = [mask[name].to(params[name].device, params[name].dtype) for name in mask]
+        # In the weight's own memory format (channels-last or not): one layout per multiply.
+        self.factors = [torch.empty_like(params[name]).copy_(mask[name]) for name in mask]
         self._tensors: list[torch.Tensor] | None = None
         self._factors: list[torch.Tensor] | None = None
 

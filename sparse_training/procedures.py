@@ -57,11 +57,15 @@ def stop_on_signals(flag: StopFlag) -> Iterator[StopFlag]:
 
 def _same_run(stored: Config, new: Config) -> bool:
     """Same run: every setting but the device equal; the stored model kwargs were completed
-    from the data, so the new ones need only be a subset of them."""
-    a, b = stored.to_dict(), new.to_dict()
+    from the data, so the new ones need only be a subset of them, and a setting the new
+    config leaves to its default (None) matches what the stored run resolved it to."""
+    a, b = _with_precision(stored).to_dict(), new.to_dict()
     for raw in (a, b):
         raw["run"].pop("device")
     kwargs_a, kwargs_b = a["model"].pop("kwargs"), b["model"].pop("kwargs")
+    for section, values in b.items():
+        if isinstance(values, dict):
+            values.update({k: a[section].get(k) for k, v in values.items() if v is None})
     return a == b and all(kwargs_a.get(k) == v for k, v in kwargs_b.items())
 
 
@@ -105,7 +109,13 @@ def _from_command_line(stored: Config, given: Config) -> Config:
     """The stored run with the settings a file may not choose taken from the command line:
     a file that says `download` or `data_dir` would make training fetch or write where it says."""
     data = given.data
-    return stored.replace("run", device=given.run.device).replace("data", data_dir=data.data_dir, download=data.download)
+    return (_with_precision(stored).replace("run", device=given.run.device)
+            .replace("data", data_dir=data.data_dir, download=data.download))
+
+
+def _with_precision(stored: Config) -> Config:
+    """A run recorded before --precision existed trained in fp32."""
+    return stored.replace("run", precision=stored.run.precision or "fp32")
 
 
 def _check_typed_model(run: RunDir, stored: str, typed: str | None) -> None:

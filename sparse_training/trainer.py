@@ -4,7 +4,6 @@ by cycle and receives every epoch's end (and an interruption) through callbacks.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -12,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .acceleration import DivergenceWatch, StepRunner
 from .config import OptimConfig
-from .errors import TrainingDiverged
 from .masks import MaskedStep
 from .schedules import learning_rate
 
@@ -30,18 +29,20 @@ def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimize
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Any, split: str, batch_size: int, device: str | torch.device = "cpu",
-             indices: torch.Tensor | None = None) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over a split (or the `indices` subset), in eval mode.
-    The model's train/eval mode is restored afterwards."""
+             indices: torch.Tensor | None = None, runner: StepRunner | None = None) -> dict[str, float]:
+    """Mean cross-entropy and accuracy over a split (or the `indices` subset), in eval mode, in
+    the arithmetic of `runner` (fp32 by default). The model's train/eval mode is restored."""
+    runner = runner if runner is not None else StepRunner(device, "fp32")
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
     for x, y in data.eval_batches(split, batch_size, indices=indices):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        x, y = runner.inputs(x, y)
+        with runner.autocast():
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         correct += (logits.argmax(dim=1) == y).sum()
         count += y.numel()
     model.train(was_training)
@@ -74,7 +75,7 @@ class Position:
 
 
 class LoopCallbacks(Protocol):
-    def after_step(self, position: Position, loss: float) -> None: ...
+    def after_step(self, position: Position) -> None: ...
     def end_of_epoch(self, position: Position, lr: float) -> None: ...
     def should_stop(self) -> bool: ...
     def stopped(self, position: Position) -> None: ...
@@ -91,10 +92,13 @@ class Interrupted(Exception):
 def train_cycle(
     *, model: nn.Module, optimizer: torch.optim.Optimizer, masked_step: Callable[[], None] | MaskedStep,
     data: Any, optim: OptimConfig, span: CycleSpan, start: Position, seed: int, augment: bool,
-    device: str | torch.device, callbacks: LoopCallbacks, progress: Callable[[int], Any] | None = None,
+    runner: StepRunner, watch: DivergenceWatch, callbacks: LoopCallbacks,
+    progress: Callable[[int], Any] | None = None,
 ) -> Position:
-    """Train the cycle `span` from `start` to its end. Raises TrainingDiverged at the first
-    non-finite loss and Interrupted (after `callbacks.stopped`) when a stop is requested."""
+    """Train the cycle `span` from `start` to its end, `model` being the module that runs the
+    forward pass (compiled or not) in the arithmetic of `runner`. Raises TrainingDiverged
+    (through `watch`, read every few steps, at every epoch's end and before a stop) naming
+    the first non-finite loss, and Interrupted (after `callbacks.stopped`) on a stop request."""
     position = Position(start.cycle, start.epoch, start.batch, start.step)
     model.train()
     for epoch in range(start.epoch, span.epochs):
@@ -103,27 +107,23 @@ def train_cycle(
             lr = learning_rate(position.step - span.start_step, span.steps, optim)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = runner.inputs(x, y)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"training loss became {loss_value} at cycle {span.index}, epoch {epoch + 1}, step {position.step}; "
-                    "lower --lr or check the data"
-                )
-            loss.backward()
-            optimizer.step()
+            loss = runner.loss(model, x, y)
+            watch.observe(loss, position.step, span.index, epoch + 1)
+            runner.update(loss, optimizer)
             masked_step()
             position.step += 1
             position.batch += 1
-            callbacks.after_step(position, loss_value)
+            callbacks.after_step(position)
             if progress is not None:
                 progress(1)
             if callbacks.should_stop():
+                watch.check()  # never save a resume state with weights past a non-finite loss
                 callbacks.stopped(position)
                 raise Interrupted(position)
         position.epoch, position.batch = epoch + 1, 0
+        watch.check()
         callbacks.end_of_epoch(position, learning_rate(position.step - 1 - span.start_step, span.steps, optim))
         model.train()
     return position

@@ -46,8 +46,8 @@ class Recorder:
                 "optimizer_state": len(session.optimizer.state),
             }
 
-        def recording_step(session, position, loss):
-            after_step(session, position, loss)
+        def recording_step(session, position):
+            after_step(session, position)
             params = prunable_parameters(session.model)
             assert all(torch.count_nonzero(params[n][~m]) == 0 for n, m in session.mask.items())
             self.kept_after_step.append({n: int(m.sum()) for n, m in session.mask.items()})

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from ..acceleration import contiguous_copy
 from ..checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from ..config import Config
 from ..errors import UserError
@@ -42,12 +43,15 @@ class Checkpointing:
         model.load_state_dict({k: v.to(device) for k, v in source.state_dict.items()})
 
     def save_state(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, mask: Mask, position: Position,
-                   cycle_started: bool, metrics: dict[str, float], flops: int) -> None:
+                   cycle_started: bool, metrics: dict[str, float], flops: int, grad_scaler: dict[str, Any]) -> None:
+        optimizer_state = optimizer.state_dict()
+        optimizer_state["state"] = {k: contiguous_copy(v) for k, v in optimizer_state["state"].items()}
         torch_save_atomic({
             "schema_version": STATE_SCHEMA,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "masks": mask,
+            "model": contiguous_copy(model.state_dict()),
+            "optimizer": optimizer_state,
+            "masks": contiguous_copy(mask),
+            "grad_scaler": grad_scaler,
             "position": asdict(position),
             "cycle_started": cycle_started,
             "metrics": metrics,

@@ -61,10 +61,14 @@ class MaskControl:
         apply_mask_(self.model, self.mask)
         self.flops.set_mask(self.mask)
 
+    def moves_at(self, t: int) -> bool:
+        """Whether step `t` of the cycle updates a moving mask."""
+        return self.moving is not None and self.moving.is_update_step(t)
+
     def after_step(self, t: int, batch: int) -> None:
         """Count step `t` of the cycle (its `batch`-th batch of the epoch); a moving mask moves at
         its update steps (RigL's update uses this step's dense gradient, so the step counts dense)."""
-        update = self.moving is not None and self.moving.is_update_step(t)
+        update = self.moves_at(t)
         self.flops.add_step(self.batch_sizes[batch - 1], dense_gradient=update and self.moving.needs_dense_gradient)
         if update:
             self.mask = self.moving.update(self.model, self.mask, self.optimizer, t)

@@ -13,7 +13,8 @@ from typing import Any, Callable
 import torch
 
 from .. import methods
-from ..config import Config
+from ..acceleration import DivergenceWatch, StepRunner, channels_last_for, check_compile_supported
+from ..config import DEFAULT_EVAL_TRAIN_SAMPLES, FULL_TRAIN_EVAL_LIMIT, Config
 from ..errors import UserError
 from ..masks import Mask
 from ..methods import CyclePlan
@@ -38,7 +39,8 @@ class RunSession:
         # procedures.prepare admits a module.path:factory only when the user typed it, on resume too.
         model_cfg = model_config_for(config.model.name, config.model.kwargs, data.num_classes, data.input_shape,
                                      allow_import=True)
-        self.config = config.replace("model", kwargs=model_cfg.kwargs)
+        self.config = config.replace("model", kwargs=model_cfg.kwargs).replace(
+            "run", eval_train_samples=_eval_train_samples(config.run.eval_train_samples, data))
         _check_keeps_weights(sized_model(self.config.model, allow_import=True, max_parameters=max_parameters),
                              self.config.prune.sparsity)
         self.method = methods.get(self.config.run.method)
@@ -49,12 +51,24 @@ class RunSession:
         self.plan: CyclePlan = self.plans[0]
         torch.manual_seed(self.config.run.seed)
         self.model = build_model(self.config.model, allow_import=True).to(device)
+        channels_last = channels_last_for(self.model, device, self.config.run.memory_format)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.runner = StepRunner(device, self.config.run.precision, channels_last)
+        self.forward = self._compiled() if self.config.run.compile else self.model
+        self.watch = DivergenceWatch(device)
         self.optimizer = make_optimizer(self.model, self.config.optim)
         moving = self.method.moving_mask(self.config, self.spans[0].steps)
         self.masks = MaskControl(self.model, self.config, data, device, moving, log, self._warn)
         self.masks.bind(self.optimizer)
-        self.evaluation = Evaluation(run, data, self.config.optim.eval_batch_size, device, log)
+        self.evaluation = Evaluation(run, data, self.config, self.runner, log)
         self.checkpoints = Checkpointing(run, self.config)
+
+    def _compiled(self) -> torch.nn.Module:
+        """The model compiled; it shares its parameters, so masks, checkpoints and the
+        optimizer keep working on `self.model`."""
+        check_compile_supported(self.device)
+        return torch.compile(self.model)
 
     @property
     def mask(self) -> Mask:
@@ -84,7 +98,7 @@ class RunSession:
     def save_state(self, position: Position, cycle_started: bool) -> None:
         self.checkpoints.save_state(model=self.model, optimizer=self.optimizer, mask=self.mask, position=position,
                                     cycle_started=cycle_started, metrics=self.evaluation.metrics,
-                                    flops=self.masks.flops.total)
+                                    flops=self.masks.flops.total, grad_scaler=self.runner.state_dict())
 
     def load_state(self) -> tuple[Position, bool]:
         with self.checkpoints.reading_state() as state:
@@ -93,14 +107,17 @@ class RunSession:
             self.optimizer = make_optimizer(self.model, self.config.optim)
             self.optimizer.load_state_dict(state["optimizer"])
             _check_optimizer_state(self.optimizer)
+            _match_memory_format(self.optimizer)
+            self.runner.load_state_dict(state.get("grad_scaler", {}))
             self.masks.restore({k: v.to(self.device) for k, v in state["masks"].items()}, self.optimizer,
                                int(state["flops"]))
             self.evaluation.metrics = dict(state["metrics"])
             torch.set_rng_state(state["torch_rng"])
             return position, bool(state["cycle_started"])
 
-    def _evaluate(self, position: Position, lr: float) -> None:
-        self.evaluation.record(self.model, position, lr, self.masks.sparsity, self.masks.flops.total)
+    def _evaluate(self, position: Position, lr: float, full: bool = True) -> None:
+        """Evaluate; `full` = the whole training split even when per-epoch train metrics use a subset."""
+        self.evaluation.record(self.forward, position, lr, self.masks.sparsity, self.masks.flops.total, full)
 
     # -------------------------------------------------------- cycle start and loop callbacks
 
@@ -119,13 +136,19 @@ class RunSession:
         self._evaluate(position, learning_rate(0, span.steps, self.config.optim))
         self.save_state(position, cycle_started=True)
 
-    def after_step(self, position: Position, loss: float) -> None:
-        self.masks.after_step(position.step - self.spans[self.plan.index].start_step, position.batch)
+    def after_step(self, position: Position) -> None:
+        t = position.step - self.spans[self.plan.index].start_step
+        if self.masks.moves_at(t):
+            self.watch.check()  # a mask is never chosen from weights past a non-finite loss
+        self.masks.after_step(t, position.batch)
 
     def end_of_epoch(self, position: Position, lr: float) -> None:
-        plan, every = self.plan, self.config.run.save_every
-        self._evaluate(position, lr)
+        plan, every, run = self.plan, self.config.run.save_every, self.config.run
         last = position.epoch == plan.epochs
+        checkpointed = last or plan.save_rewind_at == position.epoch or bool(every and position.epoch % every == 0)
+        evaluated = checkpointed or position.epoch % run.eval_every == 0
+        if evaluated:
+            self._evaluate(position, lr, full=checkpointed)
         if plan.save_rewind_at == position.epoch:
             self.save_checkpoint("rewind", position, plan.index, position.epoch)
         if every and position.epoch % every == 0 and not last:
@@ -135,7 +158,7 @@ class RunSession:
             self.save_state(Position(plan.index + 1, 0, 0, position.step), cycle_started=False)
         else:
             self.save_state(position, cycle_started=True)
-        self.evaluation.log_epoch(position, plan.epochs, lr, self.masks.sparsity)
+        self.evaluation.log_epoch(position, plan.epochs, lr, self.masks.sparsity, evaluated)
 
     def should_stop(self) -> bool:
         return self.stop()
@@ -146,20 +169,53 @@ class RunSession:
     # -------------------------------------------------------- driving the plan
 
     def train(self, position: Position, cycle_started: bool, progress: Callable[[int], Any] | None = None) -> Position:
+        self.log(f"training in {self.config.run.precision}" + (", channels-last" if self.runner.channels_last else "")
+                 + (", compiled" if self.config.run.compile else "") + f" on {self.device}")
         for plan, span in zip(self.plans, self.spans):
             if plan.index < position.cycle:
                 continue
             self.plan = plan
             if not cycle_started:
                 self.start_cycle(plan, span, position)
-            position = train_cycle(
-                model=self.model, optimizer=self.optimizer, masked_step=self.masks.zero_pruned, data=self.data,
-                optim=self.config.optim, span=span, start=position, seed=self.config.run.seed,
-                augment=self.config.data.augment, device=self.device, callbacks=self, progress=progress,
-            )
+            position = self._train_cycle(span, position, progress)
             position = Position(plan.index + 1, 0, 0, position.step)
             cycle_started = False
         return position
+
+
+    def _train_cycle(self, span: CycleSpan, position: Position, progress: Callable[[int], Any] | None) -> Position:
+        try:
+            return train_cycle(
+                model=self.forward, optimizer=self.optimizer, masked_step=self.masks.zero_pruned, data=self.data,
+                optim=self.config.optim, span=span, start=position, seed=self.config.run.seed,
+                augment=self.config.data.augment, runner=self.runner, watch=self.watch, callbacks=self,
+                progress=progress,
+            )
+        except torch._dynamo.exc.TorchDynamoException as error:  # only raised with --compile
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise UserError(f"torch.compile failed on {self.config.model.name} ({reason}); train without --compile") from None
+
+
+def _eval_train_samples(requested: int | None, data: Any) -> int | None:
+    """The size of the per-epoch train subset (None: the whole split), checked against the data."""
+    available = data.num_samples("train")
+    if requested is None:
+        return None if available <= FULL_TRAIN_EVAL_LIMIT else DEFAULT_EVAL_TRAIN_SAMPLES
+    if requested > available:
+        raise UserError(f"--eval-train-samples {requested} exceeds the {available} training samples of "
+                        f"{data.name}; choose at most {available}")
+    return requested
+
+
+def _match_memory_format(optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer buffers loaded from a (contiguous) file take their weight's memory format,
+    so a channels-last run keeps one layout per weight after resuming."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _check_keeps_weights(model: torch.nn.Module, sparsity: float) -> None:
