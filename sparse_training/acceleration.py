@@ -108,30 +108,29 @@ class StepRunner:
 
 
 class DivergenceWatch:
-    """The first non-finite training loss, tracked on the device (no synchronisation per
-    step); `check` reads it and raises TrainingDiverged naming its exact step."""
+    """The first non-finite training loss, without a host-device synchronisation per step:
+    losses are copied into a buffer on the device (one copy per step) and `check` reads the
+    buffer, raising TrainingDiverged that names the exact step of the first non-finite one."""
 
     def __init__(self, device: str | torch.device):
-        self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
-        self.first_loss = torch.zeros((), dtype=torch.float32, device=device)
-        self.where: dict[int, tuple[int, int]] = {}
-        self.unchecked = 0
+        self.losses = torch.zeros(CHECK_EVERY, dtype=torch.float32, device=device)
+        self.pending: list[tuple[int, int, int]] = []  # (step, cycle, epoch) of each buffered loss
 
     def observe(self, loss: torch.Tensor, step: int, cycle: int, epoch: int) -> None:
         """Record the loss of global step `step`, taken in `epoch` (1-based) of `cycle`."""
-        new = ~torch.isfinite(loss.detach()) & (self.first_step < 0)
-        self.first_step = torch.where(new, step, self.first_step)
-        self.first_loss = torch.where(new, loss.detach().float(), self.first_loss)
-        self.where[step] = (cycle, epoch)
-        self.unchecked += 1
-        if self.unchecked >= CHECK_EVERY:
+        self.losses[len(self.pending)] = loss.detach()
+        self.pending.append((step, cycle, epoch))
+        if len(self.pending) == CHECK_EVERY:
             self.check()
 
     def check(self) -> None:
-        self.unchecked = 0
-        step = int(self.first_step)
-        if step >= 0:
-            cycle, epoch = self.where[step]
-            raise TrainingDiverged(f"training loss became {float(self.first_loss)} at cycle {cycle}, epoch {epoch}, "
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        losses = self.losses[:len(pending)].cpu()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            index = int(bad[0])
+            step, cycle, epoch = pending[index]
+            raise TrainingDiverged(f"training loss became {float(losses[index])} at cycle {cycle}, epoch {epoch}, "
                                    f"step {step}; lower --lr or check the data")
-        self.where.clear()

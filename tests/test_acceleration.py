@@ -156,7 +156,7 @@ def test_divergence_watch_names_the_first_non_finite_step_without_reading_every_
     losses = [1.0] * 5 + [float("inf"), float("nan")] + [2.0] * 3
     for step, value in enumerate(losses):
         watch.observe(torch.tensor(value), step, cycle=0, epoch=1 + step // 4)
-    assert watch.unchecked == len(losses) < CHECK_EVERY  # nothing read yet
+    assert len(watch.pending) == len(losses) < CHECK_EVERY  # nothing read yet
     with pytest.raises(TrainingDiverged, match=r"became inf at cycle 0, epoch 2, step 5;"):
         watch.check()
 
