@@ -80,6 +80,7 @@ BACKEND_NAMES = ("lanczos", "power", "pyhessian")
 SUBSPACES = ("masked", "full")
 DEFAULT_SAMPLES = 4096
 DEFAULT_BATCH_SIZE = 1024
+SHARPNESS_PRECISIONS = ("fp32", "fp64")
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,10 @@ class SharpnessSettings:
     seed: int = setting(0, "Seed of the subset and of the random vectors.")
     density_steps: int = setting(100, "Lanczos steps of each spectral-density run.")
     density_runs: int = setting(1, "Spectral-density runs (Rademacher start vectors), averaged.")
+    precision: str = setting("fp32", "Arithmetic of the Hessian-vector products: fp32, or fp64 for small or "
+                                     "ill-conditioned eigenvalues. Never bf16/fp16: a Hessian-vector product is a "
+                                     "second derivative, and their 8- and 11-bit mantissas put its error far above "
+                                     "--tol.", choices=SHARPNESS_PRECISIONS)
 
     def validated(self) -> SharpnessSettings:
         checks = [
@@ -121,6 +126,9 @@ class SharpnessSettings:
             # landscape.hessian.generator scales the seed: a larger one overflows torch's seed
             (abs(self.seed) <= MAX_COUNT, f"--seed must be within -{MAX_COUNT}..{MAX_COUNT}, got {self.seed}"),
             (self.density_steps >= 2 and self.density_runs >= 1, "density needs at least 2 Lanczos steps and 1 run"),
+            (self.precision in SHARPNESS_PRECISIONS, f"--precision must be fp32 or fp64, got {self.precision!r}"),
+            (self.precision == "fp32" or self.backend != "pyhessian",
+             "the pyhessian backend computes in fp32 only; use --backend lanczos or power for --precision fp64"),
         ]
         for ok, message in checks:
             if not ok:
@@ -128,7 +136,10 @@ class SharpnessSettings:
         return self
 
     def as_dict(self) -> dict[str, Any]:
-        return {key: value for key, value in asdict(self).items() if key != "batch_size"}
+        """The stored settings, without the batch size; fp32, the arithmetic of every file written
+        before --precision existed, is left out, so those files are still reused."""
+        return {key: value for key, value in asdict(self).items()
+                if key != "batch_size" and not (key == "precision" and value == "fp32")}
 
     def max_products(self) -> int:
         """Most Hessian-vector products one checkpoint can cost: every backend's limit on the

@@ -119,8 +119,9 @@ def analyse(ckpt: Checkpoint, data_set, subset: torch.Tensor, settings: Sharpnes
     """Eigenvalues (and trace, density) of one checkpoint; `on_product` is called after every
     Hessian-vector product."""
     label = ckpt.path.stem
-    model = ckpt.build_model(device)
-    batches = [(x.to(device), y.to(device))
+    dtype = torch.float64 if settings.precision == "fp64" else torch.float32
+    model = ckpt.build_model(device).to(dtype)
+    batches = [(x.to(device, dtype if x.is_floating_point() else x.dtype), y.to(device))
                for x, y in data_set.eval_batches("train", settings.batch_size, indices=subset)]
     op = operator_for(ckpt, model, batches, settings, on_product)
     loss = op.loss()

@@ -244,3 +244,18 @@ def test_compiled_training_matches_eager_and_resumes(tmp_path):
     _assert_exactly_masked(b, 0.75)
     for name, tensor in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_sharpness_in_fp64_agrees_with_fp32_and_reduced_precision_is_refused(tiny_run, tmp_path):
+    import xarray as xr
+
+    base = ["sharpness", str(tiny_run / "checkpoints" / "cycle_000.pt"), "--samples", "64", "--device", "cpu"]
+    run_cli(*base, "--out", str(tmp_path / "fp32.nc"))
+    run_cli(*base, "--precision", "fp64", "--out", str(tmp_path / "fp64.nc"))
+    fp32, fp64 = xr.open_dataset(tmp_path / "fp32.nc"), xr.open_dataset(tmp_path / "fp64.nc")
+    assert "precision" not in json.loads(fp32.attrs["settings"])
+    assert json.loads(fp64.attrs["settings"])["precision"] == "fp64"
+    top32, top64 = float(fp32.eigenvalue.values.ravel()[0]), float(fp64.eigenvalue.values.ravel()[0])
+    assert top32 != top64 and abs(top32 - top64) <= 2e-3 * abs(top64)  # both within --tol 1e-3 of the truth
+    refused = run_cli(*base, "--precision", "bf16", "--out", str(tmp_path / "bf16.nc"), expect=2)
+    assert "bf16" in refused.stderr and not (tmp_path / "bf16.nc").exists()
