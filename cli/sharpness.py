@@ -30,10 +30,12 @@ def sharpness(path, checkpoints, out, overwrite, model_name, model_kwargs, data_
     """Top Hessian eigenvalues of the mean training loss for every checkpoint of RUN (or of
     one checkpoint file), restricted to each checkpoint's mask, by Lanczos.
 
-    Every eigenvalue comes with the Hessian-vector products it cost and its residual
-    ||Hv - lambda v||. The dataset goes to RUN/analysis/sharpness.nc, or <stem>.sharpness.nc
-    beside a checkpoint outside any run; checkpoints already there with the same settings are
-    skipped.
+    Every eigenvalue comes with the Hessian-vector products it cost and the residual
+    ||Hv - lambda v|| its stopping test used (Lanczos: the recurrence's estimate; --verify
+    adds the explicit one). Each checkpoint's solve starts from the previous one's
+    eigenvectors (--no-warm-start: from a random vector). The dataset goes to
+    RUN/analysis/sharpness.nc, or <stem>.sharpness.nc beside a checkpoint outside any run;
+    checkpoints already there with the same settings are skipped.
 
     \b
     Examples:
@@ -64,7 +66,10 @@ def _checkpoint(ds, label: str) -> dict:
         "cycle": int(one.cycle), "step": int(one.step), "sparsity": float(one.sparsity), "loss": float(one.loss),
         "subspace_dim": int(one.subspace_dim), "eigenvalues": one.eigenvalue.values.tolist(),
         "residuals": one.residual.values.tolist(), "hvp_counts": one.hvp_count.values.tolist(),
+        "warm_started": bool(one.warm_started) if "warm_started" in ds else False,
     }
+    if "residual_verified" in ds:
+        entry["residuals_verified"] = one.residual_verified.values.tolist()
     if "trace" in ds:
         entry.update(trace=float(one.trace), trace_stderr=float(one.trace_stderr), trace_samples=int(one.trace_samples),
                      trace_deflated=float(one.trace_deflated))
@@ -75,10 +80,11 @@ def _summary(output: str, result: dict) -> str:
     s = result["settings"]
     k = min(s["top_k"], MAX_TABLE_EIGENVALUES)
     header = ["checkpoint", "cycle", "sparsity", "loss"] + [f"lambda_{i + 1}" for i in range(k)]
-    header += ["max rel. residual", "HVPs"] + (["trace", "+-"] if s["trace"] else [])
+    header += ["max rel. residual" + (" (verified)" if s.get("verify") else ""), "HVPs"] + (["trace", "+-"] if s["trace"] else [])
     rows = []
     for label, c in result["checkpoints"].items():
         relative = max(r / abs(v) if v else float("inf") for v, r in zip(c["eigenvalues"], c["residuals"]))
+        relative = max(c.get("residuals_verified", [relative]))
         row = [label, c["cycle"], c["sparsity"], c["loss"]] + c["eigenvalues"][:k] + [relative, max(c["hvp_counts"])]
         rows.append(row + ([c["trace"], c["trace_stderr"]] if s["trace"] else []))
     where = f"{output} ({s['backend']}, {s['subspace']} subspace, {result['samples']} samples, tol {s['tol']:g})"

@@ -20,7 +20,7 @@ trained network's Hessian; near-multiple eigenvalues are resolved as usual."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -101,12 +101,36 @@ class LanczosProcess:
         return out.to(self.op.dtype)
 
 
-def lanczos_top(op: Operator, k: int, tol: float, max_hvp: int, seed: int) -> Eigenpairs:
+WARM_RANDOM_WEIGHT = 1.0  # weight of the random unit vector mixed into a warm start (see warm_start_vector)
+
+
+def warm_start_vector(starts: Sequence[torch.Tensor], random: torch.Tensor,
+                      random_weight: float | None = None) -> torch.Tensor:
+    """One start vector for a top-k solve from unit approximations of the top eigenvectors
+    (the previous checkpoint's, projected): their sum, plus `random_weight` times the unit
+    `random` vector. A single Krylov sequence from the sum reaches all k directions within k
+    steps, with a large component along each."""
+    random_weight = WARM_RANDOM_WEIGHT if random_weight is None else random_weight
+    start = torch.stack([v.double() for v in starts]).sum(0)
+    if random_weight:
+        start = start + random_weight * random.double() / norm64(random)
+    return start.to(random.dtype)
+
+
+def lanczos_top(op: Operator, k: int, tol: float, max_hvp: int, seed: int,
+                starts: Sequence[torch.Tensor] = ()) -> Eigenpairs:
     """The k largest (algebraic) eigenvalues, stopping after the first HVP at which all k
-    Ritz residuals are at most tol |theta_i|, or after k * `max_hvp` HVPs."""
+    Ritz residuals are at most tol |theta_i|, or after k * `max_hvp` HVPs.
+
+    The recurrence starts from a seeded Gaussian vector, or, with `starts` (approximate top
+    eigenvectors, e.g. the previous checkpoint's), from `warm_start_vector`. The stopping test
+    is the same either way, so is the bound on each returned eigenvalue's error."""
     gen = generator(seed, 0)
     like = torch.zeros(0, dtype=op.dtype, device=op.device)
-    process = LanczosProcess(op, gaussian_vector(op.dim, gen, like), gen)
+    start = gaussian_vector(op.dim, gen, like)
+    if len(starts):
+        start = warm_start_vector(starts, start)
+    process = LanczosProcess(op, start, gen)
     start_count = op.hvp_count
     while True:
         process.step()

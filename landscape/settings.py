@@ -112,6 +112,12 @@ class SharpnessSettings:
                                      "ill-conditioned eigenvalues. Never bf16/fp16: a Hessian-vector product is a "
                                      "second derivative, and their 8- and 11-bit mantissas put its error far above "
                                      "--tol.", choices=SHARPNESS_PRECISIONS)
+    warm_start: bool = setting(True, "Start each checkpoint's solve (lanczos, power) from the previous checkpoint's "
+                                     "top eigenvectors, restricted to its mask (the first one, or where they do not "
+                                     "fit, from a random vector). The stopping test, and so the accuracy, is the "
+                                     "same; it saves products when consecutive checkpoints are close.")
+    verify: bool = setting(False, "Spend one more Hessian-vector product per eigenvalue to store the explicit "
+                                  "relative residual ||Hv - lambda v|| / |lambda| (residual_verified).")
 
     def validated(self) -> SharpnessSettings:
         checks = [
@@ -136,15 +142,19 @@ class SharpnessSettings:
         return self
 
     def as_dict(self) -> dict[str, Any]:
-        """The stored settings, without the batch size; fp32, the arithmetic of every file written
-        before --precision existed, is left out, so those files are still reused."""
+        """The stored settings, without the batch size and the warm start (neither changes a
+        result beyond its --tol bound; each checkpoint stores whether it was warm-started).
+        fp32 and no --verify, what every file written before these options existed holds, are
+        left out, so those files are still reused."""
+        defaults = {"precision": "fp32", "verify": False}
         return {key: value for key, value in asdict(self).items()
-                if key != "batch_size" and not (key == "precision" and value == "fp32")}
+                if key not in ("batch_size", "warm_start") and not (key in defaults and value == defaults[key])}
 
     def max_products(self) -> int:
         """Most Hessian-vector products one checkpoint can cost: every backend's limit on the
-        eigenvalues (plus pyhessian's residual checks), the trace's probes, the density's steps."""
-        return (self.top_k * (self.max_hvp + 1) + (self.max_hvp if self.trace else 0)
+        eigenvalues (plus pyhessian's residual checks and --verify's), the trace's probes, the
+        density's steps."""
+        return (self.top_k * (self.max_hvp + 1 + int(self.verify)) + (self.max_hvp if self.trace else 0)
                 + (self.density_steps * self.density_runs if self.density else 0))
 
 

@@ -2,6 +2,11 @@
 dataset: top-k eigenvalues with their residuals and HVP counts, optionally the Hutchinson
 trace and the spectral density.
 
+The checkpoints are visited in run order and, with --warm-start, each solve starts from the
+previous checkpoint's top eigenvectors restricted to its mask (`hessian.WarmStart`): the same
+stopping test, fewer products when consecutive checkpoints are close. `--verify` measures each
+eigenpair's explicit residual with one more product.
+
 `results.update_labels` keeps the file: checkpoints already there with the same settings (and
 the same evaluation subset) are skipped, each other one is added and the file rewritten
 atomically, so an interrupted run keeps what it finished."""
@@ -21,7 +26,7 @@ from sparse_training.errors import UserError
 from sparse_training.masks import kept_count
 from sparse_training.rundir import analysis_output
 
-from .hessian import Eigenpairs, HessianOperator, hutchinson_trace
+from .hessian import Eigenpairs, HessianOperator, WarmStart, hutchinson_trace
 from .inputs import LoadOptions, load
 from .lanczos import lanczos_top, slq_nodes
 from .power import power_top
@@ -50,6 +55,8 @@ def sharpness(
         budget = settings.max_products()
         if progress is not None:
             progress.total = len(todo) * budget
+        # Labels are computed in run order: each solve may start from the one before's eigenvectors.
+        warm: WarmStart | None = None
 
         def compute(label: str) -> tuple[Record, str]:
             ckpt = first if by_label[label] == paths[0] else load(by_label[label], options)
@@ -58,6 +65,7 @@ def sharpness(
                                 "another --out")
             log(f"sharpness: {label} ({settings.backend}, top-{settings.top_k}, {settings.samples} samples, "
                 f"{settings.subspace} subspace)")
+            nonlocal warm
             spent = 0
 
             def product() -> None:
@@ -65,8 +73,8 @@ def sharpness(
                 spent += 1
                 progress.update(1)
 
-            record = analyse(ckpt, data_set, subset, settings, device, _relative(ckpt.path, base), log,
-                             product if progress is not None else None)
+            record, warm = analyse(ckpt, data_set, subset, settings, device, _relative(ckpt.path, base), log,
+                                   product if progress is not None else None, warm)
             if progress is not None:  # the budget is an upper bound: the bar ends where the work does
                 progress.total -= budget - spent
             return record, ckpt.method or ""
@@ -115,9 +123,12 @@ def _resolve_samples(settings: SharpnessSettings, ckpt: Checkpoint, data_set) ->
 
 
 def analyse(ckpt: Checkpoint, data_set, subset: torch.Tensor, settings: SharpnessSettings, device: str,
-            relative_path: str, log: Callable[[str], None], on_product: Callable[[], None] | None = None) -> Record:
-    """Eigenvalues (and trace, density) of one checkpoint; `on_product` is called after every
-    Hessian-vector product."""
+            relative_path: str, log: Callable[[str], None], on_product: Callable[[], None] | None = None,
+            warm: WarmStart | None = None) -> tuple[Record, WarmStart | None]:
+    """Eigenvalues (and trace, density) of one checkpoint, and its eigenvectors to warm-start
+    the next one (None where its backend takes no start: pyhessian). `on_product` is called
+    after every Hessian-vector product; `warm` holds the previous checkpoint's eigenvectors
+    (used with --warm-start)."""
     label = ckpt.path.stem
     dtype = torch.float64 if settings.precision == "fp64" else torch.float32
     model = ckpt.build_model(device).to(dtype)
@@ -131,7 +142,12 @@ def analyse(ckpt: Checkpoint, data_set, subset: torch.Tensor, settings: Sharpnes
     if settings.top_k > op.dim:
         raise UserError(f"--top-k {settings.top_k} is more than the {op.dim} parameters of {label} in the "
                         f"{settings.subspace} subspace; choose 1..{op.dim}")
-    pairs = eigenpairs(op, settings)
+    starts = warm.starts(op) if warm is not None and settings.warm_start and settings.backend != "pyhessian" else []
+    pairs = eigenpairs(op, settings, starts)
+    verified = None
+    if settings.verify:
+        verified = np.array([op.residual(float(lam), v) / max(abs(float(lam)), np.finfo(float).tiny)
+                             for lam, v in zip(pairs.values, pairs.vectors)])
     loose = [i for i, (lam, r) in enumerate(zip(pairs.values, pairs.residuals)) if not r <= settings.tol * abs(lam)]
     if loose:
         hint = ("PyHessian stops on the change between iterations, not on the residual" if settings.backend == "pyhessian"
@@ -150,13 +166,15 @@ def analyse(ckpt: Checkpoint, data_set, subset: torch.Tensor, settings: Sharpnes
                 f"{settings.trace_tol}; raise --max-hvp for more probes")
     slq = slq_nodes(op, settings.density_steps, settings.density_runs, settings.seed) if settings.density else None
     log(f"  {label}: lambda_max {pairs.values[0]:.6g} (residual {pairs.residuals[0]:.2g}, "
-        f"{int(pairs.hvp_counts[-1])} HVPs)" + (f", trace {trace[0]:.6g} +- {trace[1]:.2g}" if trace else ""))
-    return Record(
+        f"{int(pairs.hvp_counts[-1])} HVPs{', warm start' if starts else ''})"
+        + (f", trace {trace[0]:.6g} +- {trace[1]:.2g}" if trace else ""))
+    record = Record(
         label=label, path=relative_path, cycle=-1 if ckpt.cycle is None else int(ckpt.cycle),
         step=-1 if ckpt.step is None else int(ckpt.step), sparsity=float(ckpt.sparsity), loss=loss, dim=op.dim,
         eigenvalues=pairs.values, residuals=pairs.residuals, hvp_counts=pairs.hvp_counts.astype(np.int64),
-        trace=trace, slq=slq,
+        trace=trace, slq=slq, warm_started=bool(starts), verified=verified,
     )
+    return record, (WarmStart.of(op, pairs) if settings.backend != "pyhessian" else None)
 
 
 def operator_for(ckpt: Checkpoint, model: torch.nn.Module, batches, settings: SharpnessSettings,
@@ -169,9 +187,12 @@ def operator_for(ckpt: Checkpoint, model: torch.nn.Module, batches, settings: Sh
     return HessianOperator(model, batches, ckpt.masks, on_product=on_product)
 
 
-def eigenpairs(op: HessianOperator, settings: SharpnessSettings) -> Eigenpairs:
+def eigenpairs(op: HessianOperator, settings: SharpnessSettings, starts: list[torch.Tensor] | None = None) -> Eigenpairs:
+    """The top-k eigenpairs by the settings' backend; lanczos and power start from `starts`
+    (approximate eigenvectors in op's subspace) when given."""
     if settings.backend == "pyhessian":
-        from .pyhessian_backend import pyhessian_top as solve
-    else:
-        solve = power_top if settings.backend == "power" else lanczos_top
-    return solve(op, settings.top_k, settings.tol, settings.max_hvp, settings.seed)
+        from .pyhessian_backend import pyhessian_top
+
+        return pyhessian_top(op, settings.top_k, settings.tol, settings.max_hvp, settings.seed)
+    solve = power_top if settings.backend == "power" else lanczos_top
+    return solve(op, settings.top_k, settings.tol, settings.max_hvp, settings.seed, starts=starts or ())

@@ -40,6 +40,23 @@ class Record:
     hvp_counts: np.ndarray
     trace: tuple[float, float, int, float] | None = None  # mean, standard error, probes, deflated part
     slq: tuple[np.ndarray, np.ndarray] | None = None  # nodes, weights
+    warm_started: bool = False  # the solve started from the previous checkpoint's eigenvectors
+    verified: np.ndarray | None = None  # --verify: explicit ||Hv - lambda v|| / |lambda| per eigenvalue
+
+
+RESIDUALS = {
+    "lanczos": "the Lanczos recurrence's estimate beta_m |s_mi| of ||H v - lambda v|| for the unit Ritz vector v "
+               "(beta_m the last off-diagonal of the tridiagonal matrix, s_mi the last component of its i-th "
+               "eigenvector), the quantity the stopping test compares with tol |lambda|; with full "
+               "reorthogonalisation it equals the explicit residual up to the rounding of the products. An "
+               "explicit residual bounds |lambda - exact eigenvalue| (residual_verified, --verify)",
+    "power": "the residual the power iteration's stopping test used: ||P H v - lambda v|| for the unit iterate v, "
+             "P the projection out of the eigenvectors found before it (none for the largest); the undeflated "
+             "||H v - lambda v||, which bounds |lambda - exact eigenvalue|, is residual_verified (--verify)",
+    "pyhessian": "||H v - lambda v|| for PyHessian's unit eigenvector v, measured with one extra product after it "
+                 "stopped (its own test is the relative change between iterations); it bounds "
+                 "|lambda - exact eigenvalue|",
+}
 
 
 def build(records: list[Record], settings: Mapping[str, Any], subset: np.ndarray, run_name: str, method: str,
@@ -53,10 +70,15 @@ def build(records: list[Record], settings: Mapping[str, Any], subset: np.ndarray
                             "largest algebraic eigenvalues of the Hessian of the mean training loss over the "
                             "evaluation subset (model in eval mode), restricted to the subspace; index 0 is the largest"),
             "residual": d(_per_eig(records, "residuals"), "eigenpair residual", "1",
-                          "||H v - lambda v|| for the unit eigenvector v; it bounds |lambda - exact eigenvalue|"),
+                          RESIDUALS.get(str(settings.get("backend", "lanczos")), RESIDUALS["lanczos"])),
             "hvp_count": d(_per_eig(records, "hvp_counts"), "Hessian-vector products", "1",
                            "Hessian-vector products spent until this eigenvalue was accepted, cumulative over the "
-                           "solve (lanczos accepts all k at once; pyhessian reports only its total)"),
+                           "solve (lanczos accepts all k at once; pyhessian reports only its total); without "
+                           "the products of --verify, --trace and --density"),
+            "warm_started": d(_per_checkpoint([int(r.warm_started) for r in records]).astype(np.int8),
+                              "warm-started", "1",
+                              "1 if the solve started from the previous checkpoint's top eigenvectors restricted to "
+                              "this checkpoint's subspace (--warm-start), 0 if from a seeded random vector"),
             "loss": d(_per_checkpoint([r.loss for r in records]), "mean training loss", "1",
                       "mean cross-entropy over the evaluation subset, model in eval mode"),
             "subspace_dim": d(_per_checkpoint([r.dim for r in records]), "subspace dimension", "1",
@@ -76,6 +98,11 @@ def build(records: list[Record], settings: Mapping[str, Any], subset: np.ndarray
             "method": method,
         },
     )
+    if settings.get("verify"):
+        ds["residual_verified"] = d(_per_eig(records, "verified"), "explicit relative residual", "1",
+                                    "||H v - lambda v|| / |lambda| for the stored eigenvalue and its unit eigenvector "
+                                    "v, H v computed by one more Hessian-vector product (--verify); a bound on the "
+                                    "eigenvalue's relative error")
     if settings.get("trace"):
         _add_trace(ds, records)
     if settings.get("density"):
@@ -151,5 +178,8 @@ def records_of(ds: xr.Dataset) -> list[Record]:
             step=int(one["step"]), sparsity=float(one["sparsity"]), loss=float(one["loss"]), dim=int(one["subspace_dim"]),
             eigenvalues=one["eigenvalue"].values, residuals=one["residual"].values, hvp_counts=one["hvp_count"].values,
             trace=trace, slq=slq,
+            # files written before warm starts existed started every solve from a random vector
+            warm_started=bool(one["warm_started"]) if "warm_started" in ds else False,
+            verified=one["residual_verified"].values if "residual_verified" in ds else None,
         ))
     return records

@@ -124,6 +124,8 @@ def model_config_for(name: str, kwargs: Mapping[str, Any] | None, num_classes: i
 
 
 def init_weights(model: nn.Module) -> None:
+    if any(p.is_meta for p in model.parameters()):
+        return  # `sized_model`: meta tensors hold no values, and initialising them imports torch._dynamo (~3 s)
     for module in model.modules():
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
