@@ -4,8 +4,8 @@
 
 Engine: a real RunSession (method pai, random pruner, 90 % sparsity, the run's precision,
 memory format and compilation, as `landscape train` builds it) pruned by its first cycle
-start, then `trainer.train_cycle` exactly as `RunSession._train_cycle` calls it (LR schedule,
-divergence watch, masked step, FLOP count, mask callbacks). Per-epoch evaluation and
+start, then `trainer.train_cycle` through `RunSession.train_span`, as training calls it (LR
+schedule, divergence watch, masked step, FLOP count, mask callbacks). Per-epoch evaluation and
 checkpoints are excluded: `end_of_epoch` and `stopped` are no-ops here, and the plain loop has
 neither. Plain: the same architecture dense, in the same memory format, autocast dtype (a
 GradScaler for fp16) and compilation, SGD with the same hyperparameters, fed by the same data
@@ -38,7 +38,7 @@ from sparse_training.data.readers import CIFAR
 from sparse_training.models import build_model, model_config_for
 from sparse_training.run.session import RunSession
 from sparse_training.rundir import RunDir
-from sparse_training.trainer import Position, train_cycle
+from sparse_training.trainer import Position
 
 SPARSITY, CLASSES, EPOCH_IMAGES = 0.9, 10, 50_000
 # (batch, steps per round) by model, for (device type, quick). The project's resnet50 keeps the
@@ -107,12 +107,9 @@ def engine_session(model: str, precision: str, args, batch: int, data: TensorDat
 
 
 def engine_round(session: RunSession, epoch: int) -> None:
-    """One epoch, called as RunSession._train_cycle calls train_cycle; `epoch` seeds the data order."""
+    """One epoch through the session's own loop call; `epoch` seeds the data order."""
     span = dataclasses.replace(session.spans[0], first_epoch=epoch)
-    train_cycle(model=session.forward, optimizer=session.optimizer, masked_step=session.masks.zero_pruned,
-                data=session.data, optim=session.config.optim, span=span, start=Position(0, 0, 0, span.start_step),
-                seed=session.config.run.seed, augment=session.config.data.augment, runner=session.runner,
-                watch=session.watch, callbacks=TimingCallbacks(session), progress=None)
+    session.train_span(span, Position(0, 0, 0, span.start_step), callbacks=TimingCallbacks(session))
 
 
 class PlainLoop:

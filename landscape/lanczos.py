@@ -101,19 +101,13 @@ class LanczosProcess:
         return out.to(self.op.dtype)
 
 
-WARM_RANDOM_WEIGHT = 1.0  # weight of the random unit vector mixed into a warm start (see warm_start_vector)
-
-
-def warm_start_vector(starts: Sequence[torch.Tensor], random: torch.Tensor,
-                      random_weight: float | None = None) -> torch.Tensor:
+def warm_start_vector(starts: Sequence[torch.Tensor], random: torch.Tensor) -> torch.Tensor:
     """One start vector for a top-k solve from unit approximations of the top eigenvectors
-    (the previous checkpoint's, projected): their sum, plus `random_weight` times the unit
-    `random` vector. A single Krylov sequence from the sum reaches all k directions within k
-    steps, with a large component along each."""
-    random_weight = WARM_RANDOM_WEIGHT if random_weight is None else random_weight
-    start = torch.stack([v.double() for v in starts]).sum(0)
-    if random_weight:
-        start = start + random_weight * random.double() / norm64(random)
+    (the previous checkpoint's, projected): their sum plus the unit `random` vector, which
+    keeps a component along any eigenvector the previous checkpoint did not have. A single
+    Krylov sequence from the sum reaches all k directions within k steps, with a large
+    component along each."""
+    start = torch.stack([v.double() for v in starts]).sum(0) + random.double() / norm64(random)
     return start.to(random.dtype)
 
 

@@ -3,6 +3,7 @@ arrays a user brings, and the synthetic set for tests."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -54,7 +55,7 @@ MNIST1D_ARGS: dict[str, Any] = {
 def mnist1d_args(seed: int) -> dict[str, Any]:
     """The package's standard generation arguments (4000 train / 1000 test, length 40) with
     our seed; nothing is fetched."""
-    args = json.loads(json.dumps(MNIST1D_ARGS))  # a deep copy: the caller may change it
+    args = copy.deepcopy(MNIST1D_ARGS)  # the caller may change it
     args["seed"] = int(seed)
     return args
 

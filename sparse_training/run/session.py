@@ -177,19 +177,22 @@ class RunSession:
             self.plan = plan
             if not cycle_started:
                 self.start_cycle(plan, span, position)
-            position = self._train_cycle(span, position, progress)
+            position = self.train_span(span, position, progress)
             position = Position(plan.index + 1, 0, 0, position.step)
             cycle_started = False
         return position
 
 
-    def _train_cycle(self, span: CycleSpan, position: Position, progress: Callable[[int], Any] | None) -> Position:
+    def train_span(self, span: CycleSpan, position: Position, progress: Callable[[int], Any] | None = None,
+                   callbacks: Any = None) -> Position:
+        """The loop over `span` from `position`, reporting to `callbacks` (this session by
+        default; benchmarks pass their own to time the steps alone)."""
         try:
             return train_cycle(
                 model=self.forward, optimizer=self.optimizer, masked_step=self.masks.zero_pruned, data=self.data,
                 optim=self.config.optim, span=span, start=position, seed=self.config.run.seed,
-                augment=self.config.data.augment, runner=self.runner, watch=self.watch, callbacks=self,
-                progress=progress,
+                augment=self.config.data.augment, runner=self.runner, watch=self.watch,
+                callbacks=self if callbacks is None else callbacks, progress=progress,
             )
         except torch._dynamo.exc.TorchDynamoException as error:  # only raised with --compile
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
