@@ -59,25 +59,35 @@ def seconds(device: str, work) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--points", type=int, default=11)
+def evaluation_arguments(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The options this benchmark shares with benchmarks/surface.py."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--bn-batches", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--model", default="resnet1d")
     parser.add_argument("--width", type=int, default=None, help="resnet1d width [10]")
     parser.add_argument("--data", default="mnist1d")
     parser.add_argument("--samples", type=int, default=None, help="evaluate on a subset of this size per split")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser
 
+
+def model_and_data(args: argparse.Namespace):
+    """(model config, data config, data) the options name; sets the torch threads."""
+    torch.set_num_threads(args.threads)
     data_config = DataConfig(name=args.data)
     data = load_data(data_config, args.device)
     kwargs = {"width": args.width} if args.width else {}
-    model_config = model_config_for(args.model, kwargs, data.num_classes, data.input_shape)
+    return model_config_for(args.model, kwargs, data.num_classes, data.input_shape), data_config, data
+
+
+def main() -> None:
+    parser = evaluation_arguments(__doc__.splitlines()[0], repeats=5)
+    parser.add_argument("--points", type=int, default=11)
+    args = parser.parse_args()
+    model_config, data_config, data = model_and_data(args)
     a, b = endpoint(model_config, data_config, 0), endpoint(model_config, data_config, 1)
     settings = PathSettings(points=args.points, bn_batches=args.bn_batches, batch_size=args.batch_size,
                             samples=args.samples)

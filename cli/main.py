@@ -19,6 +19,7 @@ COMMANDS = {
     "barrier": ("cli.connectivity", "barrier", "Error/loss barrier on the line between two checkpoints."),
     "connectivity": ("cli.connectivity", "connectivity", "Barriers between consecutive cycles, or between two runs."),
     "sharpness": ("cli.sharpness", "sharpness", "Top Hessian eigenvalues (mask-aware Lanczos) and trace."),
+    "surface": ("cli.surface", "surface", "Loss surface around a checkpoint or through two or three."),
     "signs": ("cli.signs", "signs", "Sign flips of kept weights against init, rewind or previous cycle."),
     "overlap": ("cli.overlap", "overlap", "Pairwise overlap of masks, against chance."),
     "metrics": ("cli.metrics", "metrics", "Runs' metrics.csv as one dataset."),

@@ -205,3 +205,11 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def label_list(text: str | None) -> list[str] | None:
+    """Comma-separated checkpoint labels (`init,cycle_003`), each checked against the label
+    grammar before any path is formed from it, so that none names a file outside the run."""
+    from sparse_training.rundir import require_label
+
+    return [require_label(label.strip()) for label in (text or "").split(",") if label.strip()] or None

@@ -21,6 +21,7 @@ KINDS = {
     "overlap": "Jaccard index of masks and its ratio to chance, as annotated matrices.",
     "metrics": "Training loss and test accuracy against epoch across cycles, boundaries marked.",
     "sparsity": "Final test accuracy against sparsity (or --x flops) per method, dense reference drawn.",
+    "surface": "Loss and error contours of a surface dataset, checkpoints marked at their coordinates.",
 }
 FORMATS = ("png", "pdf", "svg")  # landscape.plots.FORMATS, repeated so --help needs no matplotlib
 METRICS_KINDS = ("metrics", "sparsity")  # drawn from training metrics, not an analysis file
@@ -104,7 +105,7 @@ def _load(kind: str, path: Path, run_name: str):
 
             ds = metrics_dataset([run], [run_name])
         else:
-            source = run.analysis_file(kind)
+            source = _analysis_file(run, kind, path)
             if not source.exists():
                 raise UserError(f"{path} has no {source.relative_to(run.path)} yet; compute it with "
                                 f"`landscape {kind} {path}`")
@@ -115,6 +116,21 @@ def _load(kind: str, path: Path, run_name: str):
     run = run_of_analysis(path)
     place = figure_output(path, kind).with_suffix("")
     return _annotated(ds, [run] if run is not None else _runs_of_inputs(ds, path)), run, place
+
+
+def _analysis_file(run, kind: str, path: Path) -> Path:
+    """RUN/analysis/<kind>.nc, or the one <kind>_*.nc there (surfaces are named after their
+    checkpoints); several of those need the file named."""
+    from sparse_training.errors import UserError
+
+    source = run.analysis_file(kind)
+    if source.exists():
+        return source
+    named = sorted(source.parent.glob(f"{kind}_*.nc"))
+    if len(named) > 1:
+        raise UserError(f"{path} has {len(named)} {kind} datasets ({', '.join(p.name for p in named)}); "
+                        "name the one to draw")
+    return named[0] if named else source
 
 
 def _runs_of_inputs(ds, path: Path) -> list:

@@ -8,8 +8,8 @@ from landscape.settings import SharpnessSettings
 
 from .analysis import data_dir_option, emit_result, load_options, output_options
 from .options import build, settings_options
-from .output import (allow_incomplete_option, device_option, handle_errors, json_option, log, model_data_options,
-                     progress_bar, resolve_device, table)
+from .output import (allow_incomplete_option, device_option, handle_errors, json_option, label_list, log,
+                     model_data_options, progress_bar, resolve_device, table)
 
 MAX_TABLE_EIGENVALUES = 5
 
@@ -45,10 +45,8 @@ def sharpness(path, checkpoints, out, overwrite, model_name, model_kwargs, data_
     """
     from landscape.sharpness import sharpness as compute
     from landscape.store import settings_of
-    from sparse_training.rundir import require_label
 
-    # Labels only, checked before any path is formed, so that none names a file outside the run.
-    labels = [require_label(label.strip()) for label in (checkpoints or "").split(",") if label.strip()] or None
+    labels = label_list(checkpoints)
     with progress_bar(0, "Hessian-vector products", "HVP") as bar:
         result = compute(path, build(SharpnessSettings, settings), labels=labels, out=out, overwrite=overwrite,
                          allow_incomplete=allow_incomplete, device=resolve_device(device),

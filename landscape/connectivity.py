@@ -256,9 +256,18 @@ def compute_pairs(
             a, b = loaded[pair.path_a], loaded[pair.path_b]
             if a.data not in datas:
                 datas[a.data] = load_data(a.data, device)
+            aligned = None
+            if settings.align == "weights":
+                from .align import align_checkpoint, permutation_dataset
+
+                b, aligned = align_checkpoint(a.build_model(device), a, b, datas[a.data], device)
+                log(f"{label}: second checkpoint aligned to the first ({len(aligned.spec.groups)} permutation "
+                    f"groups, {aligned.iterations} sweeps)")
             log(f"{label}: {settings.points} points, BatchNorm {settings.bn}")
             step = (lambda: progress.update(1)) if progress is not None else None
             ds = pair_dataset(pair, a, b, evaluate_path(a, b, datas[a.data], settings, device, step))
+            if aligned is not None:
+                ds = ds.merge(permutation_dataset([aligned], "pair", [label]))
             ds = _with_provenance(ds, pair, a, b, settings, run.path if run is not None else None)
             for line in gap_warnings(ds, [label]):
                 log(line)

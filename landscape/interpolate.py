@@ -34,7 +34,7 @@ from sparse_training.checkpoint import Checkpoint
 from sparse_training.errors import SparseTrainingError, UserError
 
 from . import vectors
-from .settings import PathSettings
+from .settings import EvaluationSettings, PathSettings
 
 
 def alpha_grid(points: int) -> np.ndarray:
@@ -125,11 +125,52 @@ class PathCurves:
     bn_batches_used: int
 
 
-def subset_of(data: Any, split: str, settings: PathSettings) -> torch.Tensor | None:
+def subset_of(data: Any, split: str, settings: EvaluationSettings) -> torch.Tensor | None:
     """The fixed seeded evaluation subset of `split`, or None for the whole split."""
     if settings.samples is None or settings.samples >= data.num_samples(split):
         return None
     return data.subset_indices(split, settings.samples, settings.seed)
+
+
+class PointEvaluator:
+    """Evaluates `model` (a scratch module of the right architecture, on `device`) at any
+    state_dict: strict load, BatchNorm statistics recomputed as `settings.bn` says (the same
+    batches at every point), then the loss and error of each split. What paths and surfaces
+    share."""
+
+    def __init__(self, model: nn.Module, data: Any, settings: EvaluationSettings, device: str | torch.device):
+        from sparse_training.acceleration import StepRunner
+
+        self.model, self.data, self.settings, self.device = model, data, settings, device
+        self.runner = StepRunner(device, settings.precision)
+        self.subsets = {split: subset_of(data, split, settings) for split in settings.splits}
+        self.recompute = settings.bn == "recompute" and bool(running_stat_layers(model))
+        self.bn_batches_used = 0
+
+    def __call__(self, state: Mapping[str, torch.Tensor], where: str) -> tuple[np.ndarray, np.ndarray]:
+        """(error, loss) per split at `state`; `where` names the point in errors."""
+        from sparse_training.trainer import evaluate
+
+        settings = self.settings
+        self.model.load_state_dict(state, strict=True)
+        if self.recompute:
+            batches = self.data.train_batches(settings.batch_size, settings.seed, 0, augment=False)
+            self.bn_batches_used = recompute_bn_statistics(self.model, batches, settings.bn_batches, self.device,
+                                                           settings.precision)
+        self.model.eval()
+        error, loss = np.empty(len(settings.splits)), np.empty(len(settings.splits))
+        for i, split in enumerate(settings.splits):
+            result = evaluate(self.model, self.data, split, settings.batch_size, self.device, self.subsets[split],
+                              self.runner)
+            if not np.isfinite(result["loss"]):
+                raise SparseTrainingError(f"the {split} loss at {where} is {result['loss']}: the interpolated "
+                                          "network overflows; check the checkpoints")
+            error[i], loss[i] = 1.0 - result["accuracy"], result["loss"]
+        return error, loss
+
+    def samples(self) -> dict[str, int]:
+        return {split: self.data.num_samples(split) if subset is None else int(subset.numel())
+                for split, subset in self.subsets.items()}
 
 
 def evaluate_states_path(
@@ -138,36 +179,18 @@ def evaluate_states_path(
 ) -> PathCurves:
     """Evaluate `model` (a scratch module of the right architecture, on `device`) at every
     point between the state_dicts `state_a` and `state_b`."""
-    from sparse_training.acceleration import StepRunner
-    from sparse_training.trainer import evaluate
-
-    runner = StepRunner(device, settings.precision)
+    evaluator = PointEvaluator(model, data, settings, device)
     alphas = alpha_grid(settings.points)
     on_device_a = {k: v.to(device) for k, v in state_a.items()}
     on_device_b = {k: v.to(device) for k, v in state_b.items()}
-    subsets = {split: subset_of(data, split, settings) for split in settings.splits}
     error = np.empty((len(settings.splits), alphas.size))
     loss = np.empty_like(error)
-    recompute = settings.bn == "recompute" and bool(running_stat_layers(model))
-    used = 0
     for j, alpha in enumerate(alphas):
-        model.load_state_dict(vectors.lerp(on_device_a, on_device_b, float(alpha)), strict=True)
-        if recompute:
-            batches = data.train_batches(settings.batch_size, settings.seed, 0, augment=False)
-            used = recompute_bn_statistics(model, batches, settings.bn_batches, device, settings.precision)
-        model.eval()
-        for i, split in enumerate(settings.splits):
-            result = evaluate(model, data, split, settings.batch_size, device, subsets[split], runner)
-            if not np.isfinite(result["loss"]):
-                raise SparseTrainingError(f"the {split} loss at alpha={alpha:.4g} is {result['loss']}: the "
-                                          "interpolated network overflows; check the checkpoints")
-            error[i, j] = 1.0 - result["accuracy"]
-            loss[i, j] = result["loss"]
+        state = vectors.lerp(on_device_a, on_device_b, float(alpha))
+        error[:, j], loss[:, j] = evaluator(state, f"alpha={alpha:.4g}")
         if progress is not None:
             progress()
-    samples = {split: data.num_samples(split) if subsets[split] is None else int(subsets[split].numel())
-               for split in settings.splits}
-    return PathCurves(alphas, settings.splits, error, loss, samples, used)
+    return PathCurves(alphas, settings.splits, error, loss, evaluator.samples(), evaluator.bn_batches_used)
 
 
 def evaluate_path(

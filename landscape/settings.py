@@ -20,14 +20,17 @@ SPLITS = ("train", "test")
 DEFAULT_EVAL_BATCH_SIZE = 1024
 MAX_POINTS = 10_001  # more is a typo, not a finer path (the grid would not fit in memory long before)
 MAX_COUNT = 2**31 - 1  # batch sizes and counts beyond this overflow torch's index types
+SUBSPACES = ("masked", "full")
+
+
+ALIGNMENTS = ("none", "weights")
 
 
 @dataclass(frozen=True)
-class PathSettings:
-    """Everything that determines the numbers of a path; stored in the dataset's settings and
-    compared when deciding whether an already-computed pair can be reused."""
+class EvaluationSettings:
+    """How the networks of a path or a surface are evaluated: what barrier, connectivity and
+    surface share."""
 
-    points: int = setting(11, "Points on the line, both endpoints included (at least 2).")
     splits: tuple[str, ...] = setting(SPLITS, "Splits to evaluate: train, test or train,test.", flag="--split")
     bn: str = setting("recompute", "BatchNorm running statistics at each point: recomputed from training batches, "
                                    "or interpolated like the weights (none is the same as interpolate: the "
@@ -40,6 +43,9 @@ class PathSettings:
     precision: str = setting("fp32", "Arithmetic of the evaluations (autocast): bf16 or fp16 are faster on a GPU but "
                                      "move losses by about 1e-2 relative, the size of small barriers.",
                              choices=PRECISIONS)
+    align: str = setting("none", "weights: permute the hidden units of the second network (and its mask) to match "
+                                 "the first by weight matching (Ainsworth et al. 2023) before comparing; for "
+                                 "independently trained networks.", choices=ALIGNMENTS)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.splits if s not in SPLITS]
@@ -49,22 +55,63 @@ class PathSettings:
         object.__setattr__(self, "splits", tuple(s for s in SPLITS if s in self.splits))
 
     def as_dict(self) -> dict[str, Any]:
-        """The stored settings. fp32, the arithmetic of every file written before --precision
-        existed, is left out, so those files are still reused."""
+        """The stored settings. fp32 and no alignment, what every file written before
+        --precision and --align existed holds, are left out, so those files are still reused."""
         stored = {**asdict(self), "splits": list(self.splits), "bn_augment": False}
-        if stored["precision"] == "fp32":
-            del stored["precision"]
+        for key, default in (("precision", "fp32"), ("align", "none")):
+            if stored[key] == default:
+                del stored[key]
         return stored
 
 
-def validated(settings: PathSettings) -> PathSettings:
+@dataclass(frozen=True)
+class PathSettings(EvaluationSettings):
+    """Everything that determines the numbers of a path; stored in the dataset's settings and
+    compared when deciding whether an already-computed pair can be reused."""
+
+    points: int = setting(11, "Points on the line, both endpoints included (at least 2).")
+
+
+SURFACE_DIRECTIONS = ("random", "checkpoints")
+MAX_GRID = 1001
+
+
+@dataclass(frozen=True)
+class SurfaceSettings(EvaluationSettings):
+    """What determines a loss surface; stored in its dataset. `dims` and `range` are resolved
+    from the inputs (`landscape.surface.resolved`) before they are stored."""
+
+    directions: str | None = setting(None, "random: filter-normalised random directions around one checkpoint (Li et "
+                                           "al. 2018), drawn from --seed; checkpoints: the line or plane through the "
+                                           "two or three checkpoints given. [checkpoints for two or three inputs, "
+                                           "else random]",
+                                     choices=SURFACE_DIRECTIONS)
+    dims: int | None = setting(None, "1: a line; 2: a plane. [1 for two checkpoints, else 2]")
+    grid: int = setting(11, "Grid points per axis.")
+    range: float | None = setting(None, "random: each axis spans [-R, R] in units of the filter-normalised direction "
+                                        "[1]; checkpoints: the grid reaches R beyond the checkpoints, in units of the "
+                                        "distance between the first two [0.25].")
+    subspace: str = setting("masked", "Random directions: masked (zero wherever the checkpoint's mask prunes, so "
+                                      "every point is as sparse as the checkpoint) or full (all weights). A line or "
+                                      "plane through checkpoints is zero wherever all of them are.",
+                             choices=SUBSPACES)
+    move_bias_norm: bool = setting(False, "Random directions: also move biases and norm parameters (their "
+                                          "direction is the parameters themselves, as in Li et al.'s code); by "
+                                          "default they stay at the checkpoint's values.")
+
+
+def validated(settings: EvaluationSettings) -> EvaluationSettings:
     """`settings`, or a one-line UserError naming the bad value."""
-    if not 2 <= settings.points <= MAX_POINTS:
+    if isinstance(settings, PathSettings) and not 2 <= settings.points <= MAX_POINTS:
         raise UserError(f"--points must be at least 2 (the two endpoints) and at most {MAX_POINTS}, got {settings.points}")
+    if isinstance(settings, SurfaceSettings):
+        _validate_surface(settings)
     if settings.bn not in BN_MODES:
         raise UserError(f"unknown --bn mode {settings.bn!r}; choose recompute, interpolate or none")
     if settings.precision not in PRECISIONS:
         raise UserError(f"unknown --precision {settings.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if settings.align not in ALIGNMENTS:
+        raise UserError(f"unknown --align {settings.align!r}; choose none or weights")
     if not settings.splits:
         raise UserError("--split needs at least one of train, test")
     for name in ("bn_batches", "batch_size", "samples"):
@@ -74,10 +121,20 @@ def validated(settings: PathSettings) -> PathSettings:
     return settings
 
 
+def _validate_surface(settings: SurfaceSettings) -> None:
+    if not 2 <= settings.grid <= MAX_GRID:
+        raise UserError(f"--grid must be 2 to {MAX_GRID} points per axis, got {settings.grid}")
+    if settings.dims not in (None, 1, 2):
+        raise UserError(f"--dims must be 1 (a line) or 2 (a plane), got {settings.dims}")
+    if settings.range is not None and not (0 < settings.range < 1e6):
+        raise UserError(f"--range must be positive, got {settings.range}")
+    if settings.subspace not in SUBSPACES:
+        raise UserError(f"--subspace must be masked or full, got {settings.subspace!r}")
+
+
 # ---------------------------------------------------------------- sharpness
 
 BACKEND_NAMES = ("lanczos", "power", "pyhessian")
-SUBSPACES = ("masked", "full")
 DEFAULT_SAMPLES = 4096
 DEFAULT_BATCH_SIZE = 1024
 SHARPNESS_PRECISIONS = ("fp32", "fp64")

@@ -5,6 +5,7 @@ from .nc files on any machine."""
 from .connectivity import plot_connectivity
 from .masks import plot_overlap, plot_signs
 from .sharpness import plot_sharpness
+from .surface import plot_surface
 from .style import FORMATS, METHOD_STYLES_ATTR, PlotInputError, save_figure
 from .training import plot_metrics, plot_sparsity
 
@@ -16,9 +17,10 @@ PLOTS = {
     "overlap": (plot_overlap, "overlap"),
     "metrics": (plot_metrics, "metrics"),
     "sparsity": (plot_sparsity, "metrics"),
+    "surface": (plot_surface, "surface"),
 }
 
 __all__ = [
     "FORMATS", "METHOD_STYLES_ATTR", "PLOTS", "PlotInputError", "plot_connectivity", "plot_metrics", "plot_overlap",
-    "plot_sharpness", "plot_signs", "plot_sparsity", "save_figure",
+    "plot_sharpness", "plot_signs", "plot_sparsity", "plot_surface", "save_figure",
 ]
