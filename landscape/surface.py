@@ -26,6 +26,7 @@ from sparse_training.errors import UserError
 
 from . import store
 from .directions import Frame, checkpoint_frame, grid_axes, random_frame
+from .connectivity import default_batch_size
 from .inputs import Input, LoadOptions, checkpoint_input, checkpoint_labels, common_run, load
 from .interpolate import PointEvaluator, check_compatible
 from .results import AnalysisResult, Progress, update_whole
@@ -49,6 +50,8 @@ def surface(
     found = [checkpoint_input(arg, allow_incomplete) for arg in typed]
     labels = checkpoint_labels(found, typed)
     settings = resolved(settings, len(found))
+    if settings.batch_size is None:  # resolved before it is stored, as connectivity does
+        settings = replace(settings, batch_size=default_batch_size(found[0].run))
     run = common_run(found)
     target = Path(out) if out is not None else default_output(found, labels, settings)
     attrs = store.provenance([one.path for one in found], settings.as_dict(), base=run.path if run else None,
@@ -116,8 +119,6 @@ def surface_dataset(
     progress: Progress | None = None, log: Callable[[str], None] = lambda message: None,
 ) -> xr.Dataset:
     """Evaluate the grid and the checkpoints; `settings` resolved (`resolved`)."""
-    from .connectivity import default_batch_size
-
     if settings.batch_size is None:
         settings = replace(settings, batch_size=default_batch_size(checkpoints[0].run))
     model = checkpoints[0].build_model(device)  # a scratch module: the checkpoints are only read
