@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 import click
 
-from .output import emit, log, max_parameters, max_parameters_option, parse_model_kwargs
+from .output import (allow_incomplete_option, device_option, emit, json_option, log, max_parameters,
+                     max_parameters_option, model_data_options, parse_model_kwargs)
 
 
 def output_options(func: Callable) -> Callable:
@@ -37,6 +38,16 @@ def data_dir_option(func: Callable) -> Callable:
     return click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                         help="Where the evaluated data set lives (torchvision layout, mnist1d cache). "
                              "[$SPARSE_LANDSCAPE_CACHE, else ~/.cache/sparse-landscape]")(func)
+
+
+def checkpoint_analysis_options(func: Callable) -> Callable:
+    """The options of a command that evaluates checkpoints of runs or plain files (sharpness,
+    surface): --out/--overwrite, --model/--model-kwargs/--data, --data-dir,
+    --allow-incomplete, --device, --json."""
+    for option in (json_option, device_option, allow_incomplete_option, data_dir_option, model_data_options,
+                   output_options):
+        func = option(func)
+    return func
 
 
 def load_options(model_name: str | None, model_kwargs: str | None, data_name: str | None = None,

@@ -6,10 +6,9 @@ import click
 
 from landscape.settings import SharpnessSettings
 
-from .analysis import data_dir_option, emit_result, load_options, output_options
+from .analysis import checkpoint_analysis_options, emit_result, load_options
 from .options import build, settings_options
-from .output import (allow_incomplete_option, device_option, handle_errors, json_option, label_list, log,
-                     model_data_options, progress_bar, resolve_device, table)
+from .output import handle_errors, label_list, log, progress_bar, resolve_device, table
 
 MAX_TABLE_EIGENVALUES = 5
 
@@ -18,12 +17,7 @@ MAX_TABLE_EIGENVALUES = 5
 @click.argument("path", metavar="RUN|CKPT", type=click.Path(path_type=str))
 @click.option("--checkpoints", default=None, help="Comma-separated checkpoint labels of RUN, e.g. init,cycle_003. [all]")
 @settings_options(SharpnessSettings, exclude=("density_steps", "density_runs"))
-@output_options
-@model_data_options
-@data_dir_option
-@allow_incomplete_option
-@device_option
-@json_option
+@checkpoint_analysis_options
 @handle_errors
 def sharpness(path, checkpoints, out, overwrite, model_name, model_kwargs, data_name, data_dir, allow_incomplete,
               device, as_json, **settings):

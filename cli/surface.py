@@ -6,10 +6,9 @@ import click
 
 from landscape.settings import SurfaceSettings
 
-from .analysis import data_dir_option, emit_result, load_options, number, output_options
+from .analysis import checkpoint_analysis_options, emit_result, load_options, number
 from .options import build, settings_options
-from .output import (allow_incomplete_option, device_option, handle_errors, json_option, label_list, log,
-                     model_data_options, progress_bar, resolve_device, table)
+from .output import handle_errors, label_list, log, progress_bar, resolve_device, table
 
 
 @click.command()
@@ -18,12 +17,7 @@ from .output import (allow_incomplete_option, device_option, handle_errors, json
               help="Comma-separated checkpoint labels of RUN the line or plane goes through, e.g. "
                    "cycle_001,cycle_002,cycle_003.")
 @settings_options(SurfaceSettings)
-@output_options
-@model_data_options
-@data_dir_option
-@allow_incomplete_option
-@device_option
-@json_option
+@checkpoint_analysis_options
 @handle_errors
 def surface(inputs, through, out, overwrite, model_name, model_kwargs, data_name, data_dir, allow_incomplete, device,
             as_json, **settings):

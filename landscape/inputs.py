@@ -118,13 +118,13 @@ def method_of(run: RunDir | None) -> str:
     return read_config(run).run.method if run is not None else ""
 
 
-def output(out: str | Path | None, analysis: str, inputs: Sequence[Input]) -> Path:
-    """--out, else RUN/analysis/<analysis>.nc when every input comes from one run, else beside
-    the first file when none comes from a run; inputs of several runs need --out."""
+def output(out: str | Path | None, analysis: str, inputs: Sequence[Input], name: str | None = None) -> Path:
+    """--out, else RUN/analysis/<name or analysis>.nc when every input comes from one run, else
+    beside the first file when none comes from a run; inputs of several runs need --out."""
     if out is not None:
         return Path(out)
     run = common_run(inputs)
     if run is None and any(one.run is not None for one in inputs):
         raise UserError(f"the inputs do not all come from one run; say where the {analysis} dataset goes with "
                         "--out FILE.nc")
-    return analysis_output(analysis, run, [one.path for one in inputs])
+    return analysis_output(analysis, run, [one.path for one in inputs], name)

@@ -23,11 +23,12 @@ import xarray as xr
 
 from sparse_training.checkpoint import Checkpoint
 from sparse_training.errors import UserError
+from sparse_training.rundir import RunDir
 
 from . import store
-from .directions import Frame, checkpoint_frame, grid_axes, random_frame
 from .connectivity import default_batch_size
-from .inputs import Input, LoadOptions, checkpoint_input, checkpoint_labels, common_run, load
+from .directions import Frame, checkpoint_frame, grid_axes, random_frame
+from .inputs import LoadOptions, checkpoint_input, checkpoint_labels, common_run, load, output
 from .interpolate import PointEvaluator, check_compatible
 from .results import AnalysisResult, Progress, update_whole
 from .settings import SurfaceSettings, validated
@@ -49,11 +50,10 @@ def surface(
     typed = _typed_inputs(inputs, through)
     found = [checkpoint_input(arg, allow_incomplete) for arg in typed]
     labels = checkpoint_labels(found, typed)
-    settings = resolved(settings, len(found))
-    if settings.batch_size is None:  # resolved before it is stored, as connectivity does
-        settings = replace(settings, batch_size=default_batch_size(found[0].run))
+    settings = resolved(settings, len(found), found[0].run)
     run = common_run(found)
-    target = Path(out) if out is not None else default_output(found, labels, settings)
+    prefix = "surface_random_" if settings.directions == "random" else "surface_"
+    target = output(out, ANALYSIS, found, prefix + "__".join(labels).replace("/", "-"))
     attrs = store.provenance([one.path for one in found], settings.as_dict(), base=run.path if run else None,
                              analysis=ANALYSIS)
     attrs.update(directions=settings.directions, bn_mode=settings.bn,
@@ -79,8 +79,9 @@ def _typed_inputs(inputs: Sequence[str | Path], through: Sequence[str] | None) -
     return [f"{inputs[0]}@{label}" for label in through]
 
 
-def resolved(settings: SurfaceSettings, count: int) -> SurfaceSettings:
-    """`settings` with the directions, dims and range the inputs imply, checked."""
+def resolved(settings: SurfaceSettings, count: int, run: RunDir | None = None) -> SurfaceSettings:
+    """`settings` with the directions, dims and range `count` inputs imply and the batch size
+    (`run`'s evaluation batch size by default, as connectivity's), checked."""
     if not 1 <= count <= 3:
         raise UserError(f"a surface is drawn around one checkpoint or through two or three; got {count} inputs")
     directions = settings.directions or ("random" if count == 1 else "checkpoints")
@@ -96,20 +97,8 @@ def resolved(settings: SurfaceSettings, count: int) -> SurfaceSettings:
     if settings.align == "weights" and count == 1:
         raise UserError("--align weights aligns the second and third checkpoints to the first; give two or three")
     extent = DEFAULT_RANGE[directions] if settings.range is None else settings.range
-    return validated(replace(settings, directions=directions, dims=dims, range=float(extent)))
-
-
-def default_output(found: list[Input], labels: list[str], settings: SurfaceSettings) -> Path:
-    run = common_run(found)
-    if run is not None:
-        prefix = "surface_random_" if settings.directions == "random" else "surface_"
-        return run.analysis_file(prefix + "__".join(labels).replace("/", "-"))
-    if any(one.run is not None for one in found):
-        raise UserError("the checkpoints do not all come from one run; say where the surface dataset goes with "
-                        "--out FILE.nc")
-    from sparse_training.rundir import loose_analysis_file
-
-    return loose_analysis_file([one.path for one in found], ANALYSIS)
+    batch_size = default_batch_size(run) if settings.batch_size is None else settings.batch_size
+    return validated(replace(settings, directions=directions, dims=dims, range=float(extent), batch_size=batch_size))
 
 
 # ---------------------------------------------------------------- computing it
@@ -119,8 +108,6 @@ def surface_dataset(
     progress: Progress | None = None, log: Callable[[str], None] = lambda message: None,
 ) -> xr.Dataset:
     """Evaluate the grid and the checkpoints; `settings` resolved (`resolved`)."""
-    if settings.batch_size is None:
-        settings = replace(settings, batch_size=default_batch_size(checkpoints[0].run))
     model = checkpoints[0].build_model(device)  # a scratch module: the checkpoints are only read
     names = [name for name, _ in model.named_parameters()]
     states, permutations = _states(checkpoints, labels, model, data, settings, device, log)
