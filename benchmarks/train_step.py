@@ -99,9 +99,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    cases = [("mlp", {}, (40,), 512), ("resnet1d", {}, (40,), 512), ("resnet20", {"width": 0.5}, (3, 32, 32), 128)]
+    cases = [("mlp", {}, (40,), 512), ("resnet1d", {}, (40,), 512), ("vit1d", {}, (40,), 512),
+             ("resnet20", {"width": 0.5}, (3, 32, 32), 128), ("mobilenetv2", {"width": 0.5}, (3, 32, 32), 64),
+             ("vit", {"width": 96, "depth": 4, "heads": 3}, (3, 32, 32), 64)]
     if args.device.startswith("cuda"):
-        cases.append(("resnet20", {}, (3, 32, 32), 512))
+        cases += [("resnet20", {}, (3, 32, 32), 512), ("mobilenetv2", {}, (3, 32, 32), 512), ("vit", {}, (3, 32, 32), 512)]
     print(f"device: {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"{'model':<10} {'kwargs':<40} {'batch':>5} {'dense ms':>9} {'masked ms':>10} {'masked/dense':>13}")
     for name, kwargs, shape, batch in cases:

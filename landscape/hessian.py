@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparse_training.acceleration import twice_differentiable
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 GRAPH_BUDGET_BYTES = 1 << 30
 
@@ -174,7 +176,8 @@ class HessianOperator:
             self._graphs = kept
 
     def _gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        loss = F.cross_entropy(self.model(x), y, reduction="sum") / self.num_samples
+        with twice_differentiable():
+            loss = F.cross_entropy(self.model(x), y, reduction="sum") / self.num_samples
         return torch.autograd.grad(loss, self.params, create_graph=True)
 
     @property

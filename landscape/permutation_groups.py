@@ -525,6 +525,12 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> Permutati
     """The permutation groups of `model`, read off its graph traced on `example_input` (one
     batch of the shape the model is used with). Raises UserError, one line naming the layer,
     for anything alignment is not defined for."""
+    for name, module in model.named_modules():
+        # Refused before tracing, so that a transformer hears about its attention, not about
+        # whichever token reshaping comes first in its graph.
+        if isinstance(module, nn.MultiheadAttention):
+            raise UserError(f"cannot align through {name} (MultiheadAttention): weight matching of attention "
+                            f"(units within and across heads) is not implemented; {SUGGESTION}")
     return _SpecBuilder(_trace(model, example_input)).build()
 
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparse_training.acceleration import twice_differentiable
+
 from .hessian import Eigenpairs, HessianOperator, norm64
 
 
@@ -43,7 +45,7 @@ def pyhessian_top(op: HessianOperator, k: int, tol: float, max_hvp: int, seed: i
                 op.on_product()
             return group_product(hv, v).cpu().item(), hv
 
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), twice_differentiable():
         # PyHessian calls backward(create_graph=True), about which torch warns; harmless here.
         warnings.simplefilter("ignore", UserWarning)
         torch.manual_seed(seed)

@@ -36,6 +36,15 @@ def autocast(device: str | torch.device, precision: str) -> ContextManager[Any]:
     return torch.autocast(device_type=torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
 
 
+def twice_differentiable() -> ContextManager[Any]:
+    """Attention in its composite (math) form inside: the fused scaled-dot-product kernels
+    (flash, memory-efficient, CPU flash) have no second derivative, which Hessian-vector
+    products and GraSP take. Only the forward passes run inside need it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def has_conv2d(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 

@@ -76,8 +76,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = setting("cnn1d", "mlp, cnn1d, resnet1d, resnet20/32/56, resnet18/50, vgg16, tv:NAME, "
-                                 "module.path:factory.", flag="--model")
+    name: str = setting("cnn1d", "mlp, cnn1d, resnet1d, vit1d, resnet20/32/56, resnet18/50, vgg16, "
+                                 "mobilenetv2, vit, tv:NAME, module.path:factory.", flag="--model")
     kwargs: dict[str, Any] = setting(help="JSON object of model keyword arguments, e.g. '{\"width\": 2}' "
                                           "(num_classes and in_channels are completed from the data).",
                                      flag="--model-kwargs", default_factory=dict)
@@ -85,10 +85,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = setting("sgd", "Optimizer.", choices=lambda: OPTIMIZERS)
+    optimizer: str = setting("sgd", "Optimizer. sgd and adam decay every parameter; adamw (the transformer recipe) "
+                                    "decays only the prunable weight matrices.", choices=lambda: OPTIMIZERS)
     lr: float = setting(0.2, "Peak learning rate of every cycle (the authors' triangular default).")
     momentum: float = setting(0.9, "SGD momentum.")
-    weight_decay: float = setting(5e-4, "Weight decay.")
+    weight_decay: float = setting(5e-4, "Weight decay (adamw: decoupled, e.g. 0.05).")
     nesterov: bool = setting(False, "Nesterov momentum (SGD).")
     batch_size: int = setting(512, "Training batch size.")
     eval_batch_size: int = setting(1024, "Batch size of the per-epoch evaluation.")

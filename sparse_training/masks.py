@@ -1,5 +1,7 @@
-"""Masks: `{parameter_name: bool tensor}`, True = kept, over the weights of Conv and Linear
-layers (first conv, shortcut convs and classifier included; biases and norm layers never).
+"""Masks: `{parameter_name: bool tensor}`, True = kept, over the weight matrices of Conv (all
+kinds: depthwise and grouped too), Linear and attention layers (first conv or patch projection,
+shortcut convs, classifier, the fused `in_proj_weight` and `out_proj` of `nn.MultiheadAttention`
+included). Never pruned: biases, norm layers, embeddings, class tokens, position embeddings.
 
 Pruned weights are kept exactly zero by `MaskedStep`, one fused in-place multiply after every
 optimizer step; no forward hooks, so a masked model is an ordinary model."""
@@ -19,12 +21,26 @@ PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The weights of every Conv/Linear layer, keyed by their state_dict name, in module order."""
-    return {
-        f"{module_name}.weight" if module_name else "weight": module.weight
-        for module_name, module in model.named_modules()
-        if isinstance(module, PRUNABLE_TYPES) and module.weight is not None
-    }
+    """The weights of every Conv/Linear layer and the input projections of every attention
+    layer, keyed by their state_dict name, in module order."""
+    found = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, PRUNABLE_TYPES) and module.weight is not None:
+            found[prefix + "weight"] = module.weight
+        elif isinstance(module, nn.MultiheadAttention):
+            # Fused (3E, E) when query, key and value share the embedding size, else three
+            # matrices; `out_proj` is an nn.Linear child, found on its own.
+            for name in attention_projections(module):
+                found[prefix + name] = getattr(module, name)
+    return found
+
+
+def attention_projections(attention: nn.MultiheadAttention) -> tuple[str, ...]:
+    """The names of the input projection weights of an attention layer."""
+    if attention.in_proj_weight is not None:
+        return ("in_proj_weight",)
+    return ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 def ones_mask(model: nn.Module) -> Mask:

@@ -13,18 +13,24 @@ from torch import nn
 
 from .acceleration import DivergenceWatch, StepRunner
 from .config import OptimConfig
-from .masks import MaskedStep
+from .masks import MaskedStep, prunable_parameters
 from .schedules import learning_rate
 
 
 def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """SGD and Adam decay every parameter (the protocol of the CNN pruning literature);
+    AdamW follows the transformer recipe (DeiT, timm): only the weight matrices, the prunable
+    weights, decay, never biases, norms, embeddings, class tokens or position embeddings."""
     params = [p for p in model.parameters() if p.requires_grad]
     if optim.optimizer == "sgd":
         return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
                                nesterov=optim.nesterov and optim.momentum > 0)
     if optim.optimizer == "adam":
         return torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
-    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    matrices = {id(p) for p in prunable_parameters(model).values()}
+    groups = [{"params": [p for p in params if id(p) in matrices], "weight_decay": optim.weight_decay},
+              {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0}]
+    return torch.optim.AdamW([group for group in groups if group["params"]], lr=optim.lr)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from landscape.align import align, apply_permutations, permutation_spec, weight_
 from sparse_training.errors import UserError
 from sparse_training.masks import ones_mask
 from sparse_training.models.images import resnet20, vgg16
+from sparse_training.models.mobilenet import mobilenetv2
 from sparse_training.models.mnist1d import MLP, CNN1d, ResNet1d
 
 
@@ -91,6 +92,7 @@ MODELS = {
     "resnet20": (lambda: resnet20(width=0.25), (2, 3, 8, 8)),
     "vgg16": (lambda: vgg16(width=0.125), (2, 3, 8, 8)),
     "depthwise": (DepthwiseNet, (2, 3, 6, 6)),
+    "mobilenetv2": (lambda: mobilenetv2(width=0.25), (2, 3, 8, 8)),
     "scaled": (ScaledNet, (4, 5)),
 }
 
@@ -272,13 +274,16 @@ def test_an_unknown_op_after_the_classifier_only_pins_its_classes():
     assert ("classifier.weight", 1, 1) in spec.groups[0].axes
 
 
-def test_vision_transformer_is_refused():
-    vision_transformer = pytest.importorskip("torchvision.models.vision_transformer")
-    model = vision_transformer.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
-                                                 hidden_dim=8, mlp_dim=16, num_classes=3)
+def test_vision_transformer_is_refused_at_its_first_attention_layer():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16,
+                              num_classes=3)
     with pytest.raises(UserError) as error:
         permutation_spec(model, torch.randn(1, 3, 32, 32))
-    assert "\n" not in str(error.value) and "conv_proj" in str(error.value)
+    message = str(error.value)
+    assert "\n" not in message and "encoder_layer_0.self_attention (MultiheadAttention)" in message
+    assert "across heads" in message and "without --align" in message
 
 
 def test_tracing_leaves_the_model_as_it_was():

@@ -31,11 +31,15 @@ EXPECTED_PARAMETERS = {
     "resnet18": 11_173_962,
     "resnet50": 23_520_842,
     "vgg16": 14_728_266 - 4_224,
+    "mobilenetv2": 2_236_682,  # torchvision's mobilenet_v2(num_classes=10): CIFAR strides hold no parameters
+    "vit": 5_362_762,  # DeiT-Tiny with 4x4 patches on 32x32 (torchvision's VisionTransformer count)
+    "vit1d": 18_026,  # hand count in test_models_transformers.py
 }
+SEQUENCE_MODELS = ("mlp", "cnn1d", "resnet1d", "vit1d")
 
 
 def input_for(name: str, batch: int = 2) -> torch.Tensor:
-    return torch.randn(batch, *(SEQUENCE if name in ("mlp", "cnn1d", "resnet1d") else IMAGE))
+    return torch.randn(batch, *(SEQUENCE if name in SEQUENCE_MODELS else IMAGE))
 
 
 def seeded(config: ModelConfig, seed: int = 0) -> nn.Module:
@@ -53,8 +57,10 @@ def test_parameter_count_and_output_shape(name):
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_model_rebuilds_bit_identically_from_its_config(name):
-    shape = SEQUENCE if name in ("mlp", "cnn1d", "resnet1d") else IMAGE
+    shape = SEQUENCE if name in SEQUENCE_MODELS else IMAGE
     kwargs = {} if name in ("mlp", "cnn1d") else {"width": 0.5 if shape == IMAGE else 4}
+    if name == "vit":
+        kwargs = {"width": 16, "depth": 2, "heads": 2}
     config = model_config_for(name, kwargs, 7, shape)
     stored = ModelConfig(**json.loads(json.dumps(asdict(config))))  # as a checkpoint stores it
     a, b, other = seeded(config), seeded(stored), seeded(config, seed=1)

@@ -7,8 +7,11 @@ imported only when the user typed it: `allow_import=True`).
 A ModelConfig's kwargs are complete (num_classes, input channels/size, width, ...), so the
 `model` entry of a checkpoint alone rebuilds the network, without the data. Built-in models
 get Kaiming-normal (fan_out, ReLU) conv weights with zero conv biases, BatchNorm at weight 1
-and bias 0, and PyTorch's default Linear init; tv: and user models keep their own init.
-Construction draws only from the global torch RNG, so `torch.manual_seed` makes it exact."""
+and bias 0, and PyTorch's default Linear init, except the Vision Transformers (`vit`, `vit1d`),
+which initialise themselves as DeiT does (`ModelSpec.initialise` False); tv: and user models
+keep their own init. Image models that need the image size (`vit`) learn it from the data and
+take square images only. Construction draws only from the global torch RNG, so
+`torch.manual_seed` makes it exact."""
 
 from __future__ import annotations
 
@@ -29,12 +32,15 @@ from ..config import ModelConfig
 from ..errors import UserError
 from .images import resnet18, resnet20, resnet32, resnet50, resnet56, vgg16
 from .mnist1d import CNN1d, MLP, ResNet1d
+from .mobilenet import mobilenetv2
+from .transformers import vit, vit1d
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     builder: Callable[..., nn.Module]
     inputs: str  # "flat": any shape, flattened | "sequence": (L,) or (C, L) | "image": (C, H, W)
+    initialise: bool = True  # False: the builder initialises the model itself (no `init_weights`)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -47,8 +53,13 @@ MODELS: dict[str, ModelSpec] = {
     "resnet18": ModelSpec(resnet18, "image"),
     "resnet50": ModelSpec(resnet50, "image"),
     "vgg16": ModelSpec(vgg16, "image"),
+    "mobilenetv2": ModelSpec(mobilenetv2, "image"),
+    "vit": ModelSpec(vit, "image", initialise=False),
+    "vit1d": ModelSpec(vit1d, "sequence", initialise=False),
 }
 MODEL_NAMES = tuple(MODELS)
+# torchvision classifiers built for one image size (`image_size`, taken from the data).
+TV_SIZED_PREFIXES = ("tv:vit_",)
 
 # The largest model built without the user's say-so (`landscape train --max-parameters`): the
 # kwargs of a checkpoint or config.json decide a model's size, so a file could otherwise make
@@ -63,8 +74,10 @@ def build_model(config: ModelConfig, allow_import: bool = False) -> nn.Module:
     a `module.path:factory`; pass it only for a name the user typed, never one read from a file."""
     name, kwargs = config.name, dict(config.kwargs)
     if name in MODELS:
-        model = _call(name, MODELS[name].builder, kwargs)
-        init_weights(model)
+        spec = MODELS[name]
+        model = _call(name, spec.builder, kwargs)
+        if spec.initialise:
+            init_weights(model)
         return model
     if name.startswith("tv:"):
         return _build_torchvision(name, kwargs)
@@ -104,12 +117,18 @@ def model_config_for(name: str, kwargs: Mapping[str, Any] | None, num_classes: i
         params = _parameters(spec.builder)
         _reject_unknown(name, kwargs, params)
         derived = {k: v for k, v in _derived_from_shape(name, spec.inputs, input_shape).items() if k in params}
+        if "image_size" in derived:
+            _check_square(name, input_shape)
         complete = {**{p: default for p, default in params.items() if default is not inspect.Parameter.empty}, **kwargs}
         return ModelConfig(name, _with_data(name, complete, kwargs, {"num_classes": num_classes, **derived}, input_shape))
     if name.startswith("tv:"):
         if len(input_shape) != 3 or input_shape[0] != 3:
             raise UserError(f"torchvision models take RGB images (3, H, W); the data has samples of shape {input_shape}")
-        return ModelConfig(name, _with_data(name, kwargs, kwargs, {"num_classes": num_classes}, input_shape))
+        derived = {"num_classes": num_classes}
+        if name.startswith(TV_SIZED_PREFIXES):  # position embeddings sized for the data's images
+            _check_square(name, input_shape)
+            derived["image_size"] = input_shape[1]
+        return ModelConfig(name, _with_data(name, kwargs, kwargs, derived, input_shape))
     if ":" in name:
         derived = {"num_classes": num_classes}
         if len(input_shape) in (2, 3):
@@ -175,7 +194,13 @@ def _derived_from_shape(name: str, inputs: str, shape: tuple[int, ...]) -> dict[
     if len(shape) != 3:
         raise UserError(f"model {name} takes images (N, C, H, W) but the data has samples of shape {shape}; "
                         "use mlp, cnn1d or resnet1d")
-    return {"in_channels": shape[0]}
+    return {"in_channels": shape[0], "image_size": shape[1]}  # image_size: only builders that take it (vit)
+
+
+def _check_square(name: str, shape: tuple[int, ...]) -> None:
+    if shape[1] != shape[2]:
+        raise UserError(f"model {name} needs square images but the data has samples of shape {shape} "
+                        f"(H {shape[1]} != W {shape[2]}); crop or resize them to a square")
 
 
 def _with_data(name: str, complete: dict[str, Any], given: Mapping[str, Any], derived: Mapping[str, int],

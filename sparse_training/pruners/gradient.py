@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..acceleration import twice_differentiable
 from ..masks import apply_mask_, prunable_parameters
 from .base import Criterion, MaskView, Scores, ScoringInputs
 
@@ -48,7 +49,8 @@ class Grasp(Criterion):
         hessian_g = [torch.zeros_like(w) for w in weights]
         # One batch at a time: the double-backward graph of all batches at once may not fit.
         for batch in training:
-            grads = _mean_gradient(clone, weights, [batch], temperature, create_graph=True)
+            with twice_differentiable():
+                grads = _mean_gradient(clone, weights, [batch], temperature, create_graph=True)
             product = sum((g * s).sum() for g, s in zip(grads, stopped))
             terms = torch.autograd.grad(product, weights)
             hessian_g = [h + t / len(training) for h, t in zip(hessian_g, terms)]
