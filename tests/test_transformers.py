@@ -16,10 +16,12 @@ from torch import nn
 
 from conftest import run_cli
 from sparse_training.checkpoint import load_checkpoint
-from sparse_training.config import ALLOCATIONS, DataConfig, OptimConfig
+from sparse_training.config import ALLOCATIONS, Config, DataConfig, OptimConfig
 from sparse_training.data import load_data
+from sparse_training.errors import UserError
 from sparse_training.masks import MaskedStep, apply_mask_, kept_count, ones_mask, prunable_parameters, total_count
 from sparse_training.models import build_model, model_config_for, sized_model
+from sparse_training.procedures import UserInterrupted, train_run
 from sparse_training.pruners import prune
 from sparse_training.pruners.allocation import erk_densities, layer_keep_counts
 from sparse_training.trainer import make_optimizer
@@ -224,3 +226,30 @@ def test_rigl_moves_attention_masks_at_constant_sparsity_with_adamw(tmp_path):
     assert not torch.equal(final.masks[name], middle.masks[name])  # drop and grow reached the fused projection
     for key, kept in final.masks.items():
         assert torch.all(final.state_dict[key][~kept] == 0), key
+
+
+def test_adamw_vit_run_resumes_bitwise_and_a_one_group_state_is_explained(tmp_path):
+    from test_train import StopAfter
+
+    config = Config.from_dict({"data": {"name": "synthetic"}, "model": {"name": "vit1d", "kwargs": TINY_VIT1D},
+                               "optim": {"optimizer": "adamw", "batch_size": 64, "lr": 3e-3, "weight_decay": 0.05},
+                               "run": {"method": "pai-cyclic", "cycles": 2, "epochs": 1, "device": "cpu"},
+                               "prune": {"sparsity": 0.7}})
+    quiet = lambda message: None  # noqa: E731
+    train_run(config, tmp_path / "straight", log=quiet)
+    with pytest.raises(UserInterrupted):
+        train_run(config, tmp_path / "resumed", log=quiet, stop=StopAfter(6))  # in the second cycle
+    saved = torch.load(tmp_path / "resumed" / "state.pt", weights_only=True)
+    train_run(config, tmp_path / "resumed", resume=True, log=quiet)
+    for label in ("cycle_000", "cycle_001"):
+        a, b = (load_checkpoint(tmp_path / run / "checkpoints" / f"{label}.pt").state_dict for run in ("straight", "resumed"))
+        assert all(torch.equal(a[k], b[k]) for k in a), label
+
+    # A state written when adamw had one group (every parameter decayed) is not "damaged".
+    with pytest.raises(UserInterrupted):
+        train_run(config, tmp_path / "legacy", log=quiet, stop=StopAfter(6))
+    groups = saved["optimizer"]["param_groups"]
+    saved["optimizer"]["param_groups"] = [{**groups[0], "params": sorted(p for g in groups for p in g["params"])}]
+    torch.save(saved, tmp_path / "legacy" / "state.pt")
+    with pytest.raises(UserError, match="saved when adamw decayed every parameter"):
+        train_run(config, tmp_path / "legacy", resume=True, log=quiet)

@@ -105,7 +105,8 @@ def _flip_heatmap(ax: Axes, ds: xr.Dataset, vmax_percent: float):
 
 
 def _layer_name(name: str) -> str:
-    return name.removesuffix(".weight")
+    """The layer a weight belongs to: `conv.weight` -> `conv`, `attn.in_proj_weight` -> `attn.in_proj`."""
+    return name.removesuffix(".weight").removesuffix("_weight")
 
 
 @styled

@@ -105,6 +105,7 @@ class RunSession:
             position = _checked_position(state["position"])
             self.model.load_state_dict(state["model"])
             self.optimizer = make_optimizer(self.model, self.config.optim)
+            _check_parameter_groups(state["optimizer"], self.optimizer, self.checkpoints.run.state)
             self.optimizer.load_state_dict(state["optimizer"])
             _check_optimizer_state(self.optimizer)
             _match_memory_format(self.optimizer)
@@ -238,6 +239,16 @@ def _checked_position(raw: Any) -> Position:
     if not all(type(v) is int and 0 <= v < 2**63 for v in raw.values()):
         raise ValueError("its position holds values that are not integers in [0, 2**63)")
     return Position(**raw)
+
+
+def _check_parameter_groups(saved: Any, optimizer: torch.optim.Optimizer, path: Any) -> None:
+    """Until adamw decayed only the weight matrices, its state had one parameter group: such a
+    run cannot continue unchanged, and its resume state is not damaged."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if isinstance(groups, list) and len(groups) == 1 and len(optimizer.param_groups) == 2:
+        raise UserError(f"{path} was saved when adamw decayed every parameter; adamw now decays only the weight "
+                        "matrices, so this run cannot resume unchanged: finish it with the version that started it, "
+                        "or delete the file to restart the run from scratch")
 
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
