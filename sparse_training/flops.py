@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .masks import PRUNABLE_TYPES, prunable_parameters
+from .masks import PRUNABLE_TYPES, attention_projections, prunable_parameters
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 NORM_COST_PER_ELEMENT = 2
@@ -139,7 +139,7 @@ def _attention_costs(name: str, attention: nn.MultiheadAttention, uses: Sequence
         costs.append(LayerCost(name, weight, keys, 2 * embed * width, 2 * keys * embed if has_bias else 0,
                                (embed, 3 * embed)))
     else:
-        for projection, count in (("q_proj_weight", queries), ("k_proj_weight", keys), ("v_proj_weight", keys)):
+        for projection, count in zip(attention_projections(attention), (queries, keys, keys)):
             param = getattr(attention, projection)
             costs.append(LayerCost(name, weight_names[id(param)], count, param.numel(),
                                    count * embed if has_bias else 0))

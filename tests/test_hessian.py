@@ -73,6 +73,12 @@ def keep_vector(model, mask) -> torch.Tensor:
                       for n, p in model.named_parameters()])
 
 
+def restricted(hessian, model, mask) -> torch.Tensor:
+    """The dense Hessian without the rows and columns of the pruned weights."""
+    keep = keep_vector(model, mask)
+    return hessian[keep][:, keep]
+
+
 def batches(x, y, size):
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
 
@@ -100,13 +106,12 @@ def matrix_with_spectrum(values, seed=0) -> torch.Tensor:
 @pytest.mark.parametrize("factory", [with_bn, without_bn])
 def test_hvp_equals_dense_hessian_times_v_in_both_subspaces(factory):
     model, x, y, mask, hessian = setup(factory)
-    keep = keep_vector(model, mask)
-    for op, restricted in ((HessianOperator(model, batches(x, y, 16), mask), hessian[keep][:, keep]),
-                           (HessianOperator(model, batches(x, y, 16)), hessian)):
-        assert op.dim == restricted.shape[0]
+    for op, dense in ((HessianOperator(model, batches(x, y, 16), mask), restricted(hessian, model, mask)),
+                      (HessianOperator(model, batches(x, y, 16)), hessian)):
+        assert op.dim == dense.shape[0]
         for seed in range(3):
             v = torch.randn(op.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-            torch.testing.assert_close(op.matvec(v), restricted @ v, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
     assert op.hvp_count == 3
 
 
@@ -160,8 +165,7 @@ def test_operator_puts_model_in_eval_mode():
 @pytest.mark.parametrize("solver", [lanczos_top, eigsh_top, power_top])
 def test_top_k_equal_eigvalsh_of_restricted_dense_hessian(factory, solver):
     model, x, y, mask, hessian = setup(factory)
-    keep = keep_vector(model, mask)
-    exact = np.linalg.eigvalsh(hessian[keep][:, keep].numpy())[::-1][:4]
+    exact = np.linalg.eigvalsh(restricted(hessian, model, mask).numpy())[::-1][:4]
     pairs = solver(HessianOperator(model, batches(x, y, 16), mask), 4, 1e-10, 2000, 0)
     np.testing.assert_allclose(pairs.values, exact, rtol=1e-6)
     assert pairs.hvp_counts.min() >= 1 and np.all(np.diff(pairs.hvp_counts) >= 0)
@@ -169,9 +173,8 @@ def test_top_k_equal_eigvalsh_of_restricted_dense_hessian(factory, solver):
 
 def test_masked_and_full_differ_as_the_restricted_hessian_says():
     model, x, y, mask, hessian = setup(with_bn)
-    keep = keep_vector(model, mask)
     full_exact = np.linalg.eigvalsh(hessian.numpy())[::-1][:3]
-    masked_exact = np.linalg.eigvalsh(hessian[keep][:, keep].numpy())[::-1][:3]
+    masked_exact = np.linalg.eigvalsh(restricted(hessian, model, mask).numpy())[::-1][:3]
     assert not np.allclose(full_exact, masked_exact, rtol=1e-3)  # the mask matters on this model
     full = lanczos_top(HessianOperator(model, batches(x, y, 16)), 3, 1e-10, 500, 0)
     masked = lanczos_top(HessianOperator(model, batches(x, y, 16), mask), 3, 1e-10, 500, 0)
@@ -219,8 +222,7 @@ def test_invariant_subspace_breakdown_restarts_in_the_complement():
 @pytest.mark.parametrize("tol", [1e-3, 1e-6])
 def test_pyhessian_backend_agrees_with_lanczos_within_its_tolerance(tol):
     model, x, y, mask, hessian = setup(with_bn)
-    keep = keep_vector(model, mask)
-    exact = np.linalg.eigvalsh(hessian[keep][:, keep].numpy())[::-1]
+    exact = np.linalg.eigvalsh(restricted(hessian, model, mask).numpy())[::-1]
     op = HessianOperator(model, batches(x, y, 16), mask)
     ours = lanczos_top(op, 1, 1e-10, 200, 0)
     theirs = pyhessian_top(op, 1, tol, 1000, 0)
@@ -251,8 +253,7 @@ def test_same_seed_identical_results_other_seed_other_start():
 
 def test_hutchinson_within_three_standard_errors_of_exact_trace():
     model, x, y, mask, hessian = setup(with_bn)
-    keep = keep_vector(model, mask)
-    exact = float(torch.trace(hessian[keep][:, keep]))
+    exact = float(torch.trace(restricted(hessian, model, mask)))
     estimate = hutchinson_trace(HessianOperator(model, batches(x, y, 25), mask), 0.02, 400, 0)
     assert 10 <= estimate.samples <= 400
     assert abs(estimate.mean - exact) <= 3 * estimate.stderr
@@ -261,8 +262,7 @@ def test_hutchinson_within_three_standard_errors_of_exact_trace():
 
 def test_deflated_hutchinson_is_exact_part_plus_smaller_variance():
     model, x, y, mask, hessian = setup(with_bn)
-    keep = keep_vector(model, mask)
-    exact = float(torch.trace(hessian[keep][:, keep]))
+    exact = float(torch.trace(restricted(hessian, model, mask)))
     op = HessianOperator(model, batches(x, y, 25), mask)
     top = lanczos_top(op, 5, 1e-8, 200, 0)
     plain = hutchinson_trace(op, 1e-9, 60, 0)

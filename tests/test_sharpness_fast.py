@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
-from test_hessian import batches, keep_vector, setup, with_bn
+from test_hessian import batches, keep_vector, restricted, setup, with_bn
 
 from landscape import store
 from landscape.hessian import HessianOperator, WarmStart
@@ -71,8 +71,7 @@ def test_verify_stores_explicit_residuals_close_to_the_recurrence_estimate(tiny_
 @pytest.mark.parametrize("solver", [lanczos_top, power_top])
 def test_verified_residuals_bound_the_error_against_the_dense_hessian(solver):
     model, x, y, mask, hessian = setup(with_bn)
-    keep = keep_vector(model, mask)
-    exact = np.linalg.eigvalsh(hessian[keep][:, keep].numpy())[::-1]
+    exact = np.linalg.eigvalsh(restricted(hessian, model, mask).numpy())[::-1]
     op = HessianOperator(model, batches(x, y, 16), mask)
     pairs = solver(op, 3, 1e-2, 400, 0)
     before = op.hvp_count
@@ -113,6 +112,6 @@ def test_warm_start_maps_through_full_coordinates_and_falls_back():
     # Other parameters: nothing to start from; a warm start reaches the cold one's eigenvalues.
     other, *_ = setup(lambda: torch.nn.Sequential(torch.nn.Linear(10, 5)))
     assert WarmStart.of(full, pairs).starts(HessianOperator(other, batches(x, y, 25))) == []
-    exact = np.linalg.eigvalsh(hessian[keep][:, keep].numpy())[::-1][:2]
+    exact = np.linalg.eigvalsh(restricted(hessian, model, mask).numpy())[::-1][:2]
     warm = lanczos_top(masked, 2, 1e-8, 200, 0, starts=starts)
     np.testing.assert_allclose(warm.values, exact, rtol=1e-6)

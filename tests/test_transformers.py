@@ -169,10 +169,11 @@ def test_torchvision_vit_builds_prunes_and_trains():
 
 # ---------------------------------------------------------------- short CPU runs
 
-def _images(tmp_path, size: int = 32) -> str:
+def _images(tmp_path) -> str:
+    """CIFAR-shaped npz data: 32 train and 16 test images, 4 classes."""
     generator = np.random.default_rng(0)
-    arrays = {"x_train": generator.normal(size=(32, 3, size, size)).astype("float32"),
-              "x_test": generator.normal(size=(16, 3, size, size)).astype("float32"),
+    arrays = {"x_train": generator.normal(size=(32, *IMAGE)).astype("float32"),
+              "x_test": generator.normal(size=(16, *IMAGE)).astype("float32"),
               "y_train": np.arange(32) % 4, "y_test": np.arange(16) % 4}
     np.savez(tmp_path / "images.npz", **arrays)
     return f"npz:{tmp_path / 'images.npz'}"
