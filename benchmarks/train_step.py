@@ -28,10 +28,14 @@ from sparse_training.trainer import CycleSpan, Position, make_optimizer, train_c
 class OneBatch:
     """Data stand-in that yields the same batch `steps` times per epoch."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, steps: int):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, steps: int, global_batch: int | None = None):
         self.x, self.y, self.steps = x, y, steps
+        self.global_batch = global_batch or len(y)  # under DDP (ddp_step.py) x, y are one rank's part
 
-    def train_batches(self, batch_size, seed, epoch, augment=True):
+    def num_samples(self, split):
+        return self.steps * self.global_batch
+
+    def train_batches(self, batch_size, seed, epoch, augment=True, shard=None):
         return ((self.x, self.y) for _ in range(self.steps))
 
 

@@ -23,8 +23,10 @@ COMMANDS = {
     "signs": ("cli.signs", "signs", "Sign flips of kept weights against init, rewind or previous cycle."),
     "overlap": ("cli.overlap", "overlap", "Pairwise overlap of masks, against chance."),
     "metrics": ("cli.metrics", "metrics", "Runs' metrics.csv as one dataset."),
+    "aggregate": ("cli.aggregate", "aggregate", "One dataset of a sweep's results, with intervals over seeds."),
     "plot": ("cli.plot", "plot", "Figures from analysis datasets."),
     "demo": ("cli.demo", "demo", "A small study on MNIST-1D, analyses and figures included."),
+    "sweep": ("cli.sweep", "sweep", "Run a grid of runs (and their analyses) through submitit."),
 }
 
 
@@ -90,6 +92,26 @@ def cli(ctx: click.Context, debug: bool) -> None:
     go to stderr. Exit codes: 0 done, 1 runtime failure, 2 bad input, 3 incomplete run."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    _check_torchrun(ctx)
+
+
+# The commands that split their work across the processes torchrun starts.
+DISTRIBUTED_COMMANDS = ("train", "barrier", "connectivity", "sharpness")
+
+
+def _check_torchrun(ctx: click.Context) -> None:
+    """Under torchrun, only the commands that split their work run, and the process group is
+    left when the command ends; every other command would run N times and race on its files."""
+    from sparse_training.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun() or ctx.invoked_subcommand is None:
+        return
+    if ctx.invoked_subcommand not in DISTRIBUTED_COMMANDS:
+        raise click.UsageError(f"`landscape {ctx.invoked_subcommand}` does not run under torchrun (only "
+                               f"{', '.join(DISTRIBUTED_COMMANDS)} do); run it as one process", ctx)
+    from sparse_training.distributed import leave
+
+    ctx.call_on_close(leave)
 
 
 def main() -> None:

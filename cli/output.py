@@ -32,9 +32,14 @@ def handle_errors(func: Callable) -> Callable:
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except SparseTrainingError as error:
+            from sparse_training.distributed import FailedOnMain, environment_rank
+
             if _debug_enabled():
                 raise
-            click.echo(f"error: {error}", err=True)
+            if isinstance(error, FailedOnMain):  # rank 0 failed, reports it, and its exit code is the job's
+                sys.exit(0)
+            if environment_rank() == 0:  # under torchrun every rank meets the same error; rank 0 says it
+                click.echo(f"error: {error}", err=True)
             sys.exit(error.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -156,8 +161,11 @@ def quiet_enabled() -> bool:
 
 
 def log(message: str) -> None:
-    """A log line on stderr, written through tqdm so that it never breaks a progress bar."""
-    if quiet_enabled():
+    """A log line on stderr, written through tqdm so that it never breaks a progress bar.
+    Under torchrun only rank 0 speaks: the ranks of one job log the same events."""
+    from sparse_training.distributed import environment_rank
+
+    if quiet_enabled() or environment_rank() != 0:
         return
     from tqdm import tqdm
 
@@ -165,7 +173,12 @@ def log(message: str) -> None:
 
 
 def emit(result: dict[str, Any], as_json: bool, summary: str) -> None:
-    """The command's result: one JSON object, or the human summary, on stdout."""
+    """The command's result: one JSON object, or the human summary, on stdout (rank 0's alone
+    under torchrun)."""
+    from sparse_training.distributed import environment_rank
+
+    if environment_rank() != 0:
+        return
     if as_json:
         click.echo(json.dumps(result, default=_jsonable, sort_keys=True))
     else:

@@ -22,6 +22,7 @@ KINDS = {
     "metrics": "Training loss and test accuracy against epoch across cycles, boundaries marked.",
     "sparsity": "Final test accuracy against sparsity (or --x flops) per method, dense reference drawn.",
     "surface": "Loss and error contours of a surface dataset, checkpoints marked at their coordinates.",
+    "aggregate": "A sweep's test accuracy and training FLOPs against its first numeric grid key, 95 % t-intervals over seeds.",
 }
 FORMATS = ("png", "pdf", "svg")  # landscape.plots.FORMATS, repeated so --help needs no matplotlib
 METRICS_KINDS = ("metrics", "sparsity")  # drawn from training metrics, not an analysis file

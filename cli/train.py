@@ -31,10 +31,13 @@ def train_options(func):
 @click.option("--device", default=None, help="cpu, cuda, cuda:N. [cuda if available]")
 @click.option("--max-parameters", type=click.IntRange(min=1), default=None,
               help="Refuse a model with more parameters than this (its size may come from config.json). [2e9]")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Train with N processes on this machine (DistributedDataParallel; --batch-size stays the global "
+                   "batch): the same command under torchrun's launcher. [1]")
 @train_options
 @json_option
 @handle_errors
-def train(out, resume_dir, config_file, device, max_parameters, as_json, **flags):
+def train(out, resume_dir, config_file, device, max_parameters, nproc, as_json, **flags):
     """Train a network by one of the methods into a run directory.
 
     \b
@@ -43,7 +46,13 @@ def train(out, resume_dir, config_file, device, max_parameters, as_json, **flags
           --epochs 20 --model resnet1d --data mnist1d --out runs/snip90
     """
     from sparse_training.config import SECTIONS, Config, load_toml, merge
+    from sparse_training.distributed import launched_by_torchrun
     from sparse_training.errors import UserError
+
+    if nproc is not None and nproc > 1:
+        if launched_by_torchrun():
+            raise UserError("--nproc under torchrun: torchrun has started the processes already; drop --nproc")
+        _launch(nproc)
     from sparse_training.procedures import StopFlag, stop_on_signals, train_run
 
     from .output import resolve_device
@@ -67,6 +76,42 @@ def train(out, resume_dir, config_file, device, max_parameters, as_json, **flags
                            progress_factory=_progress_bar if progress_enabled() else None, stop=stop,
                            typed_model=typed_model, max_parameters=max_parameters)
     emit(result, as_json, _summary(result))
+
+
+def _launch(nproc: int) -> None:
+    """This command line, without --nproc, under torchrun's launcher (a standalone rendezvous
+    on this machine); exits with rank 0's exit code. A SIGTERM or Ctrl-C reaches every rank,
+    which saves the resume state and stops."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in list(logging.root.manager.loggerDict):  # the ranks say what went wrong, in one line
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "cli", *_without_nproc(sys.argv[1:])]))
+    except ChildFailedError as error:
+        # rank 0's code, unless torchrun stopped it because another rank ended first
+        codes = [error.failures[rank].exitcode for rank in sorted(error.failures)]
+        sys.exit(next((code for code in codes if code > 0), 1))
+    except SignalException:
+        sys.exit(1)
+    sys.exit(0)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
 
 
 def _beyond_resume(overrides: dict) -> bool:

@@ -5,7 +5,11 @@ Which pairs: two checkpoint files (`landscape barrier`), consecutive cycle check
 run (cycle_000..cycle_001, ...), or matching cycle checkpoints of two runs
 (runA/cycle_001..runB/cycle_001). `results.update_labels` keeps the file: pairs already there
 with the same settings are reused, the others added and written one by one, so an interrupted
-computation leaves a complete file with the pairs done so far."""
+computation leaves a complete file with the pairs done so far.
+
+Under torchrun every rank evaluates every point of every pair, each on its shard of the
+samples and of the BatchNorm batches (`interpolate.PointEvaluator`), so the curves are those
+of one process to float rounding; only rank 0 reads and writes the file (`results`)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import xarray as xr
 
+from sparse_training import distributed
 from sparse_training.checkpoint import Checkpoint
 from sparse_training.errors import UserError
 from sparse_training.records import read_config
@@ -241,6 +246,10 @@ def compute_pairs(
     written."""
     from sparse_training.data import load_data
 
+    group = distributed.current()  # under torchrun: the points' work is split across the ranks
+    device = distributed.device_for(device, group)
+    if not group.is_main:
+        progress = None  # rank 0 reports for the job
     if settings.batch_size is None:
         settings = replace(settings, batch_size=default_batch_size(run))
     settings, by_label = validated(settings), {p.label: p for p in pairs}
@@ -265,7 +274,7 @@ def compute_pairs(
                     f"groups, {aligned.iterations} sweeps)")
             log(f"{label}: {settings.points} points, BatchNorm {settings.bn}")
             step = (lambda: progress.update(1)) if progress is not None else None
-            ds = pair_dataset(pair, a, b, evaluate_path(a, b, datas[a.data], settings, device, step))
+            ds = pair_dataset(pair, a, b, evaluate_path(a, b, datas[a.data], settings, device, step, group))
             if aligned is not None:
                 ds = ds.merge(permutation_dataset([aligned], "pair", [label]))
             ds = _with_provenance(ds, pair, a, b, settings, run.path if run is not None else None)

@@ -19,7 +19,13 @@ backward pass through them: on the 11.5k-parameter resnet1d with 2048 samples, 0
 instead of 0.29 s per HVP (the graphs held 218 MB), with bit-identical products. Larger
 subsets or models recompute them batch by batch. Measured again on a loaded 2-core CPU, one
 thread, 2048 samples, batches of 256/1024/2048: kept graphs 0.94/0.84/0.84 s, recomputed
-1.41/1.34/1.40 s, torch.func forward-over-reverse 1.96/1.70/1.50 s per HVP."""
+1.41/1.34/1.40 s, torch.func forward-over-reverse 1.96/1.70/1.50 s per HVP.
+
+Under torchrun an operator built with the job's `group` holds only this rank's batches (a
+contiguous shard of the subset): each product, the loss and the sample count are summed
+over the ranks (float64, one all-reduce each), so every rank holds the same bits of every
+product and the solvers, which draw their random vectors from seeded CPU generators, take
+the same decisions on every rank."""
 
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_training.acceleration import twice_differentiable
+from sparse_training.distributed import Group
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 GRAPH_BUDGET_BYTES = 1 << 30
@@ -90,17 +97,28 @@ class HessianOperator:
     to the model's trainable parameters, restricted to `mask` when one is given.
 
     The model is put in eval mode: BatchNorm uses its running statistics, so the loss is a
-    per-sample sum and the product does not depend on how the subset is batched."""
+    per-sample sum and the product does not depend on how the subset is batched.
+
+    With a distributed `group` (under torchrun), `batches` are this rank's share of the
+    subset; N counts the samples of all ranks, and products and the loss are summed over the
+    ranks, so every rank gets the operator of the whole subset. Every rank must then call
+    `matvec`/`loss` equally often. Without one (the default) the operator is this process's."""
 
     def __init__(self, model: nn.Module, batches: Sequence[Batch], mask: Mapping[str, torch.Tensor] | None = None,
-                 graph_budget: int = GRAPH_BUDGET_BYTES, on_product: Callable[[], None] | None = None):
+                 graph_budget: int = GRAPH_BUDGET_BYTES, on_product: Callable[[], None] | None = None,
+                 group: Group | None = None):
         self.model = model.eval()
         self.on_product = on_product  # called after every product: progress bars count them
+        self.group = group if group is not None and group.distributed else None
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.batches = list(batches)
-        self.num_samples = sum(len(y) for _, y in self.batches)
+        self.local_samples = sum(len(y) for _, y in self.batches)  # this rank's
+        self.num_samples = self.local_samples  # N: every rank's
+        if self.group is not None:
+            count = torch.tensor([float(self.local_samples)], dtype=torch.float64)
+            self.num_samples = int(round(float(self.group.all_reduce_sum(count)[0])))
         self.graph_budget = graph_budget
         self.keep_graphs: bool | None = None  # decided by the first product
         self._graphs: list[tuple[torch.Tensor, ...]] | None = None
@@ -143,10 +161,13 @@ class HessianOperator:
                 grad_dot_v = sum((g * u).sum() for g, u in zip(grads, vs))
                 for acc, hv in zip(total, torch.autograd.grad(grad_dot_v, self.params, retain_graph=self.keep_graphs)):
                     acc.add_(hv)
+        product = self.compress(total)
+        if self.group is not None:  # every rank's share of the mean: the same sum of bits on every rank
+            product = self.group.all_reduce_sum(product.double()).to(self.dtype)
         self.hvp_count += 1
         if self.on_product is not None:
             self.on_product()
-        return self.compress(total)
+        return product
 
     def _batch_gradients(self) -> Iterator[tuple[torch.Tensor, ...]]:
         """Each batch's gradient with its graph: the kept ones, or freshly computed. The
@@ -166,7 +187,7 @@ class HessianOperator:
 
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     grads = self._gradient(x, y)
-                self.keep_graphs = sum(held) * self.num_samples / len(y) <= self.graph_budget
+                self.keep_graphs = sum(held) * self.local_samples / len(y) <= self.graph_budget
             else:
                 grads = self._gradient(x, y)
             if self.keep_graphs:
@@ -202,6 +223,8 @@ class HessianOperator:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for x, y in self.batches:
             total += F.cross_entropy(self.model(x), y, reduction="sum").double()
+        if self.group is not None:
+            total = self.group.all_reduce_sum(total.reshape(1).cpu())[0]
         return float(total) / self.num_samples
 
     def residual(self, value: float, vector: torch.Tensor) -> float:

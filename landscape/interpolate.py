@@ -18,6 +18,14 @@ BatchNorm modes (`bn`):
   checkpoint, so the endpoints reproduce each checkpoint's own evaluation bit for bit.
 "none" (no BatchNorm treatment, the state_dict as it is) is the same thing as "interpolate"
 and is accepted as its alias; the mode is recorded as "interpolate".
+
+Under torchrun (`sparse_training.distributed`) the work of every point is split across the
+ranks and the results are those of one process, to float rounding: each rank evaluates a
+contiguous shard of the evaluation samples and the loss sums and correct counts are summed
+over ranks in float64, once per split and point; the BatchNorm batches are dealt out whole (batch i to
+rank i mod world), each rank averages its own batches' statistics as one process does, and
+the ranks' averages, weighted by their batch counts, are summed once per point, so every
+rank ends with the average over the same `bn_batches` batches as one process.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparse_training import distributed
 from sparse_training.checkpoint import Checkpoint
+from sparse_training.distributed import Group
 from sparse_training.errors import SparseTrainingError, UserError
 
 from . import vectors
@@ -81,12 +91,18 @@ def running_stat_layers(model: nn.Module) -> list[nn.modules.batchnorm._NormBase
 
 @torch.no_grad()
 def recompute_bn_statistics(model: nn.Module, batches: Iterable[Any], max_batches: int, device: str | torch.device,
-                            precision: str = "fp32") -> int:
+                            precision: str = "fp32", group: Group | None = None) -> int:
     """Reset the running statistics of `model` and recompute them as the plain average over
     the first `max_batches` of `batches` (forward passes in `precision`); returns how many
-    batches were used. The model is left in eval mode."""
+    batches were used. The model is left in eval mode.
+
+    Under torchrun (`group`, by default the job's) every rank passes the same `batches`;
+    batch i is forwarded by rank i mod world only, and the ranks' averages are combined into
+    the average over all of them: one all-reduce, after which every rank holds the running
+    statistics one process would have (to float rounding) and the same count."""
     from sparse_training.acceleration import autocast
 
+    group = group if group is not None else distributed.current()
     layers = running_stat_layers(model)
     if not layers:
         return 0
@@ -98,7 +114,9 @@ def recompute_bn_statistics(model: nn.Module, batches: Iterable[Any], max_batche
         layer.train()
     used = 0
     try:
-        for x, _ in itertools.islice(batches, max_batches):
+        for i, (x, _) in enumerate(itertools.islice(batches, max_batches)):
+            if i % group.world != group.rank:
+                continue  # another rank's batch
             with autocast(device, precision):
                 model(x.to(device, non_blocking=True))
             used += 1
@@ -106,9 +124,36 @@ def recompute_bn_statistics(model: nn.Module, batches: Iterable[Any], max_batche
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
         model.eval()
+    if group.distributed:
+        used = _combine_running_statistics(layers, used, group)
     if used == 0:
         raise UserError("the training split yielded no batch to recompute BatchNorm statistics from")
     return used
+
+
+def _combine_running_statistics(layers: list[nn.modules.batchnorm._NormBase], used: int, group: Group) -> int:
+    """Replace every rank's running statistics (its average over its `used` batches) by the
+    average over all ranks' batches: sum_r used_r * average_r / sum_r used_r, summed in
+    float64 in one all-reduce; returns the total number of batches."""
+    parts = [torch.tensor([float(used)], dtype=torch.float64)]
+    for layer in layers:
+        for stat in (layer.running_mean, layer.running_var):
+            if stat is not None:
+                parts.append(stat.detach().double().cpu().reshape(-1) * used)
+    summed = group.all_reduce_sum(torch.cat(parts))
+    total = int(round(float(summed[0])))
+    if total == 0:
+        return 0
+    offset = 1
+    for layer in layers:
+        for stat in (layer.running_mean, layer.running_var):
+            if stat is not None:
+                n = stat.numel()
+                stat.copy_((summed[offset:offset + n] / total).view_as(stat).to(stat.device, stat.dtype))
+                offset += n
+        if layer.num_batches_tracked is not None:
+            layer.num_batches_tracked.fill_(total)
+    return total
 
 
 # ---------------------------------------------------------------- the path
@@ -136,12 +181,19 @@ class PointEvaluator:
     """Evaluates `model` (a scratch module of the right architecture, on `device`) at any
     state_dict: strict load, BatchNorm statistics recomputed as `settings.bn` says (the same
     batches at every point), then the loss and error of each split. What paths and surfaces
-    share."""
+    share.
 
-    def __init__(self, model: nn.Module, data: Any, settings: EvaluationSettings, device: str | torch.device):
+    Under torchrun (`group`, by default the job's) every rank calls it at the same points:
+    each evaluates its contiguous shard of every split's samples and the sums are added up
+    over the ranks (`trainer.evaluate`, one all-reduce per split), so every rank returns the
+    single-process numbers to float rounding."""
+
+    def __init__(self, model: nn.Module, data: Any, settings: EvaluationSettings, device: str | torch.device,
+                 group: Group | None = None):
         from sparse_training.acceleration import StepRunner
 
         self.model, self.data, self.settings, self.device = model, data, settings, device
+        self.group = group if group is not None else distributed.current()
         self.runner = StepRunner(device, settings.precision)
         self.subsets = {split: subset_of(data, split, settings) for split in settings.splits}
         self.recompute = settings.bn == "recompute" and bool(running_stat_layers(model))
@@ -156,12 +208,11 @@ class PointEvaluator:
         if self.recompute:
             batches = self.data.train_batches(settings.batch_size, settings.seed, 0, augment=False)
             self.bn_batches_used = recompute_bn_statistics(self.model, batches, settings.bn_batches, self.device,
-                                                           settings.precision)
-        self.model.eval()
+                                                           settings.precision, self.group)
         error, loss = np.empty(len(settings.splits)), np.empty(len(settings.splits))
         for i, split in enumerate(settings.splits):
             result = evaluate(self.model, self.data, split, settings.batch_size, self.device, self.subsets[split],
-                              self.runner)
+                              self.runner, self.group)
             if not np.isfinite(result["loss"]):
                 raise SparseTrainingError(f"the {split} loss at {where} is {result['loss']}: the interpolated "
                                           "network overflows; check the checkpoints")
@@ -176,10 +227,12 @@ class PointEvaluator:
 def evaluate_states_path(
     model: nn.Module, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], data: Any,
     settings: PathSettings, device: str | torch.device, progress: Callable[[], None] | None = None,
+    group: Group | None = None,
 ) -> PathCurves:
     """Evaluate `model` (a scratch module of the right architecture, on `device`) at every
-    point between the state_dicts `state_a` and `state_b`."""
-    evaluator = PointEvaluator(model, data, settings, device)
+    point between the state_dicts `state_a` and `state_b` (split across the ranks of `group`,
+    by default the job's: see `PointEvaluator`)."""
+    evaluator = PointEvaluator(model, data, settings, device, group)
     alphas = alpha_grid(settings.points)
     on_device_a = {k: v.to(device) for k, v in state_a.items()}
     on_device_b = {k: v.to(device) for k, v in state_b.items()}
@@ -195,11 +248,11 @@ def evaluate_states_path(
 
 def evaluate_path(
     a: Checkpoint, b: Checkpoint, data: Any, settings: PathSettings, device: str | torch.device,
-    progress: Callable[[], None] | None = None,
+    progress: Callable[[], None] | None = None, group: Group | None = None,
 ) -> PathCurves:
     """The path between two loaded, compatible checkpoints (see `check_compatible`)."""
     model = a.build_model(device)  # a scratch module of its own: the loaded state_dicts are only read
-    return evaluate_states_path(model, a.state_dict, b.state_dict, data, settings, device, progress)
+    return evaluate_states_path(model, a.state_dict, b.state_dict, data, settings, device, progress, group)
 
 
 def recorded_error(ckpt: Checkpoint, split: str) -> float:

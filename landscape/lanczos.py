@@ -16,7 +16,12 @@ used for every k: implicit restarts would not pay for themselves here.
 Like every single-vector Krylov method, one start vector sees one direction per eigenspace:
 an eigenvalue of exact multiplicity m is found once, and found again only after a breakdown
 restarts the recurrence in the complement. Exact multiplicities do not occur in the top of a
-trained network's Hessian; near-multiple eigenvalues are resolved as usual."""
+trained network's Hessian; near-multiple eigenvalues are resolved as usual.
+
+Every decision here (when to stop, when to restart) is a function of the products and of
+vectors drawn from seeded CPU generators (`hessian.generator`), never of the global RNG or of
+the device: under torchrun, where a distributed `HessianOperator` hands every rank the same
+bits of every product, every rank takes the same steps and runs the same collectives."""
 
 from __future__ import annotations
 

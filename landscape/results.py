@@ -13,10 +13,17 @@ Two shapes of analysis share it:
 
 Both read and write under `store.locked`, so two analyses of the same file never lose each
 other's work. With `overwrite` the labels asked for are recomputed; a labelled file with the
-same settings keeps its other labels (they are valid results), any other file is replaced."""
+same settings keeps its other labels (they are valid results), any other file is replaced.
+
+Under torchrun (`sparse_training.distributed`) only rank 0 reads, locks and writes the file:
+it decides which labels to compute and tells the other ranks (so every rank computes the
+same labels in the same order and runs the same collectives), merges and writes each one,
+and at the end every rank returns rank 0's result. An error raised where only rank 0 works
+is raised on every rank."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +32,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 import xarray as xr
 
+from sparse_training import distributed
+from sparse_training.distributed import Group
 from sparse_training.errors import UserError
 
 from . import store
@@ -70,6 +79,10 @@ def update_labels(
     twice = next((label for label in labels if labels.count(label) > 1), None)
     if twice is not None:
         raise UserError(f"{dim} {twice!r} was asked for twice")
+    group = distributed.current()
+    if group.distributed:
+        return _update_labels_distributed(group, path, analysis, labels, prepare, merge, dim, settings, check,
+                                          overwrite)
     stored = _labelled(path, analysis, dim, settings, check, overwrite)
     todo = _missing(stored, labels, dim, overwrite)
     if not todo:
@@ -86,6 +99,44 @@ def update_labels(
     return AnalysisResult(ds, path, labels, missing, [label for label in labels if label not in missing])
 
 
+def _update_labels_distributed(
+    group: Group, path: Path, analysis: str, labels: list[str], prepare: Callable[[list[str]], Callable[[str], Any]],
+    merge: Callable[[xr.Dataset | None, Any], xr.Dataset], dim: str, settings: Mapping[str, Any] | None,
+    check: Callable[[xr.Dataset], str | None] | None, overwrite: bool,
+) -> AnalysisResult:
+    """`update_labels` under torchrun: every rank computes (the computations are collective),
+    rank 0 alone reads, locks, merges and writes, and shares its decisions and its result."""
+    state: dict[str, Any] = {}  # rank 0's dataset
+
+    def look() -> list[str]:
+        state["ds"] = _labelled(path, analysis, dim, settings, check, overwrite)
+        return _missing(state["ds"], labels, dim, overwrite)
+
+    missing: list[str] = []
+    todo = group.on_main(look)
+    if todo:
+        compute, planned = prepare(todo), set(todo)  # on every rank: each loads the inputs
+        with contextlib.ExitStack() as held:
+            def look_locked() -> list[str]:  # another process may have added labels, or removed some
+                held.enter_context(store.locked(path))
+                return look()
+
+            missing = group.on_main(look_locked)
+            if not planned.issuperset(missing):
+                compute = prepare(missing)
+            for label in missing:
+                part = compute(label)  # on every rank: the collectives of the computation
+
+                def keep(part: Any = part) -> None:
+                    state["ds"] = merge(state["ds"], part)
+                    store.write_dataset(state["ds"], path)
+
+                group.on_main(keep)
+    # Every rank returns rank 0's dataset: what the file now holds.
+    final = group.on_main(lambda: state["ds"])
+    return AnalysisResult(final, path, labels, missing, [label for label in labels if label not in missing])
+
+
 def update_whole(
     path: str | Path, analysis: str, labels: Sequence[str], compute: Callable[[], xr.Dataset], attrs: Mapping[str, str],
     *, overwrite: bool = False, log: Callable[[str], None] = lambda message: None,
@@ -93,20 +144,29 @@ def update_whole(
     """The dataset at `path` if it holds `analysis` of the same inputs and settings (`attrs`,
     from `store.provenance`), else `compute()` with `attrs`, written in its place."""
     path, labels = Path(path), list(labels)
-    stored = None if overwrite else _readable(path, analysis, None, overwrite)
+    group = distributed.current()  # under torchrun: every rank computes, rank 0 alone reads and writes
+    stored = group.on_main(lambda: None if overwrite else _readable(path, analysis, None, overwrite))
     if _same_inputs(stored, attrs):
         return AnalysisResult(stored, path, labels, [], labels)
     ds = compute()  # before the lock: bad input leaves nothing behind
     ds.attrs = dict(attrs)
-    with store.locked(path):
-        # Checked again where it is written: another process may have written the file since,
-        # and replacing its result must be said, never silent.
-        stored = None if overwrite else _readable(path, analysis, None, overwrite)
-        if _same_inputs(stored, attrs):
-            return AnalysisResult(stored, path, labels, [], labels)
-        if stored is not None:
-            log(f"note: {path} was computed from other inputs or settings; replacing it")
-        store.write_dataset(ds, path)
+
+    def write() -> xr.Dataset | None:
+        """None once `ds` is written, else the dataset found in its place."""
+        with store.locked(path):
+            # Checked again where it is written: another process may have written the file since,
+            # and replacing its result must be said, never silent.
+            stored = None if overwrite else _readable(path, analysis, None, overwrite)
+            if _same_inputs(stored, attrs):
+                return stored
+            if stored is not None:
+                log(f"note: {path} was computed from other inputs or settings; replacing it")
+            store.write_dataset(ds, path)
+        return None
+
+    stored = group.on_main(write)
+    if stored is not None:
+        return AnalysisResult(stored, path, labels, [], labels)
     return AnalysisResult(ds, path, labels, labels, [])
 
 

@@ -9,7 +9,13 @@ eigenpair's explicit residual with one more product.
 
 `results.update_labels` keeps the file: checkpoints already there with the same settings (and
 the same evaluation subset) are skipped, each other one is added and the file rewritten
-atomically, so an interrupted run keeps what it finished."""
+atomically, so an interrupted run keeps what it finished.
+
+Under torchrun every rank takes part in every Hessian-vector product: each holds a
+contiguous shard of the evaluation subset and the products are summed over the ranks
+(`hessian.HessianOperator` with the job's group), so the eigenvalues and the trace are those
+of one process to float rounding; only rank 0 reads and writes the file (`results`). The
+pyhessian backend runs PyHessian's own loop over the data and is refused there."""
 
 from __future__ import annotations
 
@@ -21,7 +27,9 @@ import numpy as np
 import torch
 import xarray as xr
 
+from sparse_training import distributed
 from sparse_training.checkpoint import Checkpoint, resolve_checkpoints
+from sparse_training.distributed import Group
 from sparse_training.errors import UserError
 from sparse_training.masks import kept_count
 from sparse_training.rundir import analysis_output
@@ -42,6 +50,13 @@ def sharpness(
     """Analyse the checkpoints of `path` (a run directory, or one checkpoint file) into `out`,
     by default RUN/analysis/sharpness.nc, or <stem>.sharpness.nc beside a file outside any run."""
     settings = settings.validated()
+    group = distributed.current()
+    if group.distributed and settings.backend == "pyhessian":
+        raise UserError("the pyhessian backend runs PyHessian's own loop in one process and cannot be split across "
+                        "torchrun's processes; run it without torchrun, or use --backend lanczos or power")
+    device = distributed.device_for(device, group)
+    if not group.is_main:
+        progress = None  # rank 0 reports for the job
     run, paths = resolve_checkpoints(path, labels, allow_incomplete)
     target = Path(out) if out is not None else analysis_output(ANALYSIS, run, paths)
     base = run.path if run is not None else target.parent
@@ -74,7 +89,7 @@ def sharpness(
                 progress.update(1)
 
             record, warm = analyse(ckpt, data_set, subset, settings, device, _relative(ckpt.path, base), log,
-                                   product if progress is not None else None, warm)
+                                   product if progress is not None else None, warm, group)
             if progress is not None:  # the budget is an upper bound: the bar ends where the work does
                 progress.total -= budget - spent
             return record, ckpt.method or ""
@@ -124,17 +139,20 @@ def _resolve_samples(settings: SharpnessSettings, ckpt: Checkpoint, data_set) ->
 
 def analyse(ckpt: Checkpoint, data_set, subset: torch.Tensor, settings: SharpnessSettings, device: str,
             relative_path: str, log: Callable[[str], None], on_product: Callable[[], None] | None = None,
-            warm: WarmStart | None = None) -> tuple[Record, WarmStart | None]:
+            warm: WarmStart | None = None, group: Group | None = None) -> tuple[Record, WarmStart | None]:
     """Eigenvalues (and trace, density) of one checkpoint, and its eigenvectors to warm-start
     the next one (None where its backend takes no start: pyhessian). `on_product` is called
     after every Hessian-vector product; `warm` holds the previous checkpoint's eigenvectors
-    (used with --warm-start)."""
+    (used with --warm-start). With a distributed `group` (every rank calls this alike) each
+    rank holds a contiguous shard of `subset` and the products are summed over the ranks."""
     label = ckpt.path.stem
+    group = group if group is not None else Group()
     dtype = torch.float64 if settings.precision == "fp64" else torch.float32
     model = ckpt.build_model(device).to(dtype)
+    mine = group.shard(subset) if group.distributed else subset
     batches = [(x.to(device, dtype if x.is_floating_point() else x.dtype), y.to(device))
-               for x, y in data_set.eval_batches("train", settings.batch_size, indices=subset)]
-    op = operator_for(ckpt, model, batches, settings, on_product)
+               for x, y in (data_set.eval_batches("train", settings.batch_size, indices=mine) if len(mine) else ())]
+    op = operator_for(ckpt, model, batches, settings, on_product, group)
     loss = op.loss()
     if not np.isfinite(loss):
         raise UserError(f"the loss of {ckpt.path} is {loss} on the evaluation subset: the network diverged; "
@@ -165,6 +183,9 @@ def analyse(ckpt: Checkpoint, data_set, subset: torch.Tensor, settings: Sharpnes
                 f"({estimate.stderr / abs(estimate.mean):.1%}) after {estimate.samples} probes, above --trace-tol "
                 f"{settings.trace_tol}; raise --max-hvp for more probes")
     slq = slq_nodes(op, settings.density_steps, settings.density_runs, settings.seed) if settings.density else None
+    # The solvers decide alike on every rank (the same products, the same seeded vectors); checked, cheaply.
+    group.check_identical(f"eigenvalues of {label}", [torch.as_tensor(pairs.values)]
+                          + ([torch.tensor(trace[:2], dtype=torch.float64)] if trace else []))
     log(f"  {label}: lambda_max {pairs.values[0]:.6g} (residual {pairs.residuals[0]:.2g}, "
         f"{int(pairs.hvp_counts[-1])} HVPs{', warm start' if starts else ''})"
         + (f", trace {trace[0]:.6g} +- {trace[1]:.2g}" if trace else ""))
@@ -178,13 +199,13 @@ def analyse(ckpt: Checkpoint, data_set, subset: torch.Tensor, settings: Sharpnes
 
 
 def operator_for(ckpt: Checkpoint, model: torch.nn.Module, batches, settings: SharpnessSettings,
-                 on_product: Callable[[], None] | None = None) -> HessianOperator:
+                 on_product: Callable[[], None] | None = None, group: Group | None = None) -> HessianOperator:
     if settings.subspace == "full":
-        return HessianOperator(model, batches, on_product=on_product)
+        return HessianOperator(model, batches, on_product=on_product, group=group)
     if kept_count(ckpt.masks) == 0:
         raise UserError(f"{ckpt.path} keeps no prunable weight (sparsity 1.0): its masked Hessian is empty; "
                         "pass --subspace full or leave it out with --checkpoints")
-    return HessianOperator(model, batches, ckpt.masks, on_product=on_product)
+    return HessianOperator(model, batches, ckpt.masks, on_product=on_product, group=group)
 
 
 def eigenpairs(op: HessianOperator, settings: SharpnessSettings, starts: list[torch.Tensor] | None = None) -> Eigenpairs:

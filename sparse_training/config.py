@@ -141,6 +141,8 @@ class RunConfig:
                                          "contiguous). [auto: channels-last on CUDA]", choices=lambda: MEMORY_FORMATS)
     compile: bool = setting(False, "torch.compile the model (the first steps and evaluations are slower while it "
                                    "compiles).")
+    sync_bn: bool = setting(False, "Under torchrun, BatchNorm statistics over the whole global batch (SyncBatchNorm, "
+                                   "CUDA only) instead of each process's part of it.")
     eval_every: int = setting(1, "Evaluate every N epochs; cycle starts and ends and every checkpoint are always "
                                  "evaluated.")
     eval_train_samples: int | None = setting(None, "Per-epoch train metrics on a fixed seeded subset of this many "

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import load_checkpoint
 from .config import Config, resolve
 from .errors import SparseTrainingError, TrainingDiverged, UserError
@@ -136,21 +136,39 @@ def train_run(config: Config, out: str | Path, *, resume: bool = False, command:
     """Train `config` into the run directory `out` (or continue it). Returns a summary dict.
     The run's lock is taken before anything about the directory is decided, and everything
     that can be checked is checked before the first file is written. On resume, `typed_model`
-    is the --model the user typed (the only way a stored module.path:factory is imported)."""
+    is the --model the user typed (the only way a stored module.path:factory is imported).
+
+    Under torchrun rank 0 does all of that and tells the other ranks what it decided (or that
+    it refused); they then train beside it, writing nothing."""
+    group = distributed.current()
+    if group.distributed:
+        config = config.replace("run", device=distributed.device_for(config.run.device, group))
+    if not group.is_main:
+        return _follow(config, RunDir(out), group, log, stop if stop is not None else StopFlag(), max_parameters)
     run, created = _run_directory(out, resume)
     busy = (f"{run.path} is being trained by another process right now; wait for it to finish, or stop it "
             f"(it saves its resume state on SIGTERM) and then `landscape train --resume {run.path}`")
     with exclusive_lock(run.lock, wait=False, busy=busy, record_holder=True):
         try:
-            config, fresh = prepare(config, run, resume, typed_model)
-            if run.is_done():
+            config, fresh, done = group.on_main(lambda: (*prepare(config, run, resume, typed_model), run.is_done()))
+            if done:
                 return {"run": str(run.path), "status": "already complete", **_final_summary(run)}
             return _train_locked(run, config, fresh, command, log, progress_factory,
-                                 stop if stop is not None else StopFlag(), max_parameters)
+                                 stop if stop is not None else StopFlag(), max_parameters, group)
         except BaseException:
             if created and set(run.path.iterdir()) <= {run.lock, holder_file(run.lock)}:  # refused before writing
                 _remove_run_directory(run)
             raise
+
+
+def _follow(config: Config, run: RunDir, group: distributed.Group, log: Callable[[str], None], stop: StopFlag,
+            max_parameters: int | None) -> dict[str, Any]:
+    """A rank other than 0: train what rank 0 decided, on this rank's device."""
+    stored, fresh, done = group.on_main(lambda: None)  # the action runs on rank 0 only
+    if done:
+        return {"run": str(run.path), "status": "already complete"}
+    config = stored.replace("run", device=config.run.device)
+    return _train_locked(run, config, fresh, "", log, None, stop, max_parameters, group)
 
 
 def _remove_run_directory(run: RunDir) -> None:
@@ -178,15 +196,19 @@ def _run_directory(out: str | Path, resume: bool) -> tuple[RunDir, bool]:
 
 def _train_locked(run: RunDir, config: Config, fresh: bool, command: str, log: Callable[[str], None],
                   progress_factory: Callable[[int, int], Any] | None, stop: StopFlag,
-                  max_parameters: int | None) -> dict[str, Any]:
-    """The part of train_run that writes: only one process at a time holds the run's lock."""
+                  max_parameters: int | None, group: distributed.Group | None = None) -> dict[str, Any]:
+    """The part of train_run that writes: only one process at a time holds the run's lock
+    (under torchrun, rank 0; the other ranks train beside it and write nothing)."""
     from .data import load_data
 
+    group = group if group is not None else distributed.Group()
     data = load_data(config.data, config.run.device)
     session = RunSession(run, config, data, config.run.device, log, stop=lambda: bool(stop),
-                         max_parameters=max_parameters)
+                         max_parameters=max_parameters, group=group)
     if fresh:
         session.initialise()
+    if not group.is_main:
+        return _train_beside(session, fresh, stop)
     for leftover in run.stray_temporaries():  # of writes a killed process never finished
         leftover.unlink(missing_ok=True)
     if fresh:
@@ -196,14 +218,40 @@ def _train_locked(run: RunDir, config: Config, fresh: bool, command: str, log: C
         recovered = {**_provenance(session.config, command), "provenance_note": "recorded on resume"}
         write_json_atomic(run.meta, {**recovered, **read_meta(run)})
     try:
+        resumed = not fresh and run.state.exists()
         position, cycle_started = _start_position(session, fresh, log)
-        update_meta(run, status="running", device=config.run.device)
+        _record_processes(run, config.run.device, group.world, log, fresh)
+        group.share(resumed)  # the other ranks start where rank 0 starts
         return _train_from(session, position, cycle_started, progress_factory, stop)
     except (UserInterrupted, TrainingDiverged):
         raise
     except Exception as error:
         _record_failure(run, error)
         raise
+
+
+def _record_processes(run: RunDir, device: str, world: int, log: Callable[[str], None], fresh: bool) -> None:
+    """meta.json says how many processes trained the run (a resume may use another number)."""
+    before = read_meta(run).get("processes", 1)
+    if not fresh and before != world:
+        log(f"continuing a run trained by {before} process(es) with {world}: the global batch and the data order "
+            "are unchanged")
+    update_meta(run, status="running", device=device, processes=world)
+
+
+def _train_beside(session: RunSession, fresh: bool, stop: StopFlag) -> dict[str, Any]:
+    """A rank other than 0 under torchrun: the same steps as rank 0, no file written."""
+    run = session.run
+    position, cycle_started = Position(0, 0, 0, 0), False
+    if session.group.share(None):  # rank 0 resumed (and has read the state this rank reads now)
+        position, cycle_started = session.load_state()
+    elif not fresh:  # rank 0 started over in a run killed before its first state
+        session.initialise()
+    try:
+        session.train(position, cycle_started)
+    except Interrupted as interrupted:
+        raise UserInterrupted(run, interrupted.position, stop.signal_name or "stop") from None
+    return {"run": str(run.path), "status": "trained"}
 
 
 def _start_position(session: RunSession, fresh: bool, log: Callable[[str], None]) -> tuple[Position, bool]:

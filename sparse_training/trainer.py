@@ -13,6 +13,8 @@ from torch import nn
 
 from .acceleration import DivergenceWatch, StepRunner
 from .config import OptimConfig
+from .data.base import batch_bounds
+from .distributed import Group
 from .masks import MaskedStep, prunable_parameters
 from .schedules import learning_rate
 
@@ -35,24 +37,31 @@ def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimize
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Any, split: str, batch_size: int, device: str | torch.device = "cpu",
-             indices: torch.Tensor | None = None, runner: StepRunner | None = None) -> dict[str, float]:
+             indices: torch.Tensor | None = None, runner: StepRunner | None = None, group: Group | None = None
+             ) -> dict[str, float]:
     """Mean cross-entropy and accuracy over a split (or the `indices` subset), in eval mode, in
-    the arithmetic of `runner` (fp32 by default). The model's train/eval mode is restored."""
+    the arithmetic of `runner` (fp32 by default). The model's train/eval mode is restored.
+    With a `group` of several processes each evaluates its shard of the samples and the sums
+    are all-reduced, so every rank returns the numbers of the whole split."""
     runner = runner if runner is not None else StepRunner(device, "fp32")
+    if group is not None and group.distributed:
+        indices = group.shard(data.check_indices(split, indices))
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    count = 0
+    # loss sum, correct predictions, samples: float64 holds the counts exactly
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in data.eval_batches(split, batch_size, indices=indices):
         x, y = runner.inputs(x, y)
         with runner.autocast():
             logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        correct += (logits.argmax(dim=1) == y).sum()
-        count += y.numel()
+        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        sums[1] += (logits.argmax(dim=1) == y).sum()
+        sums[2] += y.numel()
     model.train(was_training)
-    return {"loss": float(loss_sum) / max(count, 1), "accuracy": float(correct) / max(count, 1)}
+    if group is not None:
+        group.all_reduce_sum(sums)
+    loss_sum, correct, count = sums.tolist()
+    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1)}
 
 
 @dataclass(frozen=True)
@@ -99,24 +108,33 @@ def train_cycle(
     *, model: nn.Module, optimizer: torch.optim.Optimizer, masked_step: Callable[[], None] | MaskedStep,
     data: Any, optim: OptimConfig, span: CycleSpan, start: Position, seed: int, augment: bool,
     runner: StepRunner, watch: DivergenceWatch, callbacks: LoopCallbacks,
-    progress: Callable[[int], Any] | None = None,
+    progress: Callable[[int], Any] | None = None, group: Group | None = None,
 ) -> Position:
     """Train the cycle `span` from `start` to its end, `model` being the module that runs the
-    forward pass (compiled or not) in the arithmetic of `runner`. Raises TrainingDiverged
-    (through `watch`, read every few steps, at every epoch's end and before a stop) naming
-    the first non-finite loss, and Interrupted (after `callbacks.stopped`) on a stop request."""
+    forward pass (compiled or not, DistributedDataParallel in a job of several processes) in
+    the arithmetic of `runner`. Raises TrainingDiverged (through `watch`, read every few
+    steps, at every epoch's end and before a stop) naming the first non-finite loss, and
+    Interrupted (after `callbacks.stopped`) on a stop request.
+
+    With a `group` of several processes each rank trains on its part of every global batch;
+    its mean loss is weighted by its share of the batch, so that the gradient DDP averages
+    over ranks is the mean over the whole batch, as in one process."""
     position = Position(start.cycle, start.epoch, start.batch, start.step)
+    shard = group if group is not None and group.distributed else None
+    sizes = None if shard is None else [b - a for a, b in batch_bounds(data.num_samples("train"), optim.batch_size)]
     model.train()
     for epoch in range(start.epoch, span.epochs):
-        batches = data.train_batches(optim.batch_size, seed, span.first_epoch + epoch, augment=augment)
+        batches = data.train_batches(optim.batch_size, seed, span.first_epoch + epoch, augment=augment, shard=shard)
         for x, y in itertools.islice(batches, position.batch, None):
             lr = learning_rate(position.step - span.start_step, span.steps, optim)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
             x, y = runner.inputs(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss = runner.loss(model, x, y)
             watch.observe(loss, position.step, span.index, epoch + 1)
+            if shard is not None:
+                loss = loss * (len(y) * shard.world / sizes[position.batch])
             runner.update(loss, optimizer)
             masked_step()
             position.step += 1

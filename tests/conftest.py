@@ -43,3 +43,18 @@ def tiny_run(tmp_path_factory) -> Path:
 def tiny_dense_run(tmp_path_factory) -> Path:
     """A finished dense run of the same model, 2 cycles of 2 epochs."""
     return train_tiny(tmp_path_factory.mktemp("runs") / "dense", "--method", "dense", "--cycles", "2")
+
+
+def run_torchrun(*args: str, nproc: int = 2, expect: int | None = 0, timeout: float = 300):
+    """`torchrun --standalone --nproc_per_node NPROC -m cli ARGS` as a user runs it (gloo on
+    CPU, one thread per process); check the exit code when `expect` is not None."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "cli", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    if expect is not None:
+        assert result.returncode == expect, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result

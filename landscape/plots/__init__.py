@@ -2,6 +2,7 @@
 matplotlib Figure. Imports neither torch nor sparse_training, so a figure can be redrawn
 from .nc files on any machine."""
 
+from .aggregate import plot_aggregate
 from .connectivity import plot_connectivity
 from .masks import plot_overlap, plot_signs
 from .sharpness import plot_sharpness
@@ -18,9 +19,10 @@ PLOTS = {
     "metrics": (plot_metrics, "metrics"),
     "sparsity": (plot_sparsity, "metrics"),
     "surface": (plot_surface, "surface"),
+    "aggregate": (plot_aggregate, "aggregate"),
 }
 
 __all__ = [
-    "FORMATS", "METHOD_STYLES_ATTR", "PLOTS", "PlotInputError", "plot_connectivity", "plot_metrics", "plot_overlap",
-    "plot_sharpness", "plot_signs", "plot_sparsity", "plot_surface", "save_figure",
+    "FORMATS", "METHOD_STYLES_ATTR", "PLOTS", "PlotInputError", "plot_aggregate", "plot_connectivity", "plot_metrics",
+    "plot_overlap", "plot_sharpness", "plot_signs", "plot_sparsity", "plot_surface", "save_figure",
 ]

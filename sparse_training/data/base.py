@@ -6,7 +6,7 @@ the run started at epoch 0 or resumed at e, and on CPU or GPU."""
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,15 +30,16 @@ def seeded_generator(*entropy: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
-def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+def batch_bounds(n: int, batch_size: int, shard: Any = None) -> list[tuple[int, int]]:
     """(start, stop) of each training batch over n samples: full batches, then the partial
-    one unless it would hold a single sample (BatchNorm cannot train on one)."""
+    one unless it would hold a single sample (BatchNorm cannot train on one). With `shard`
+    (a distributed.Group), this rank's contiguous part of each of those global batches."""
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
     if bounds and bounds[-1][1] - bounds[-1][0] == 1 < batch_size:
         bounds.pop()
-    return bounds
+    return bounds if shard is None else [shard.span(start, stop) for start, stop in bounds]
 
 
 class Data:
@@ -55,10 +56,11 @@ class Data:
     def num_samples(self, split: str) -> int:
         raise NotImplementedError
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int, augment: bool = True
+    def train_batches(self, batch_size: int, seed: int, epoch: int, augment: bool = True, shard: Any = None
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of shuffled (x, y) batches on the device, order and augmentation a pure
-        function of (seed, epoch)."""
+        function of (seed, epoch); with `shard` (a distributed.Group), this rank's part of
+        each batch, augmented exactly as that part of the whole batch would be."""
         raise NotImplementedError
 
     def eval_batches(self, split: str, batch_size: int, indices: torch.Tensor | Sequence[int] | None = None

@@ -95,9 +95,9 @@ class FolderData(Data):
         self.check_split(split)
         return len(self.samples[split])
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int, augment: bool = True
+    def train_batches(self, batch_size: int, seed: int, epoch: int, augment: bool = True, shard: Any = None
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        bounds = batch_bounds(self.num_samples("train"), batch_size)
+        bounds = batch_bounds(self.num_samples("train"), batch_size, shard)
         order, generator = self.epoch_order(seed, epoch)
         if self.decoding == "device":
             draws = random_draws(len(order), generator) if augment and self.augment else None

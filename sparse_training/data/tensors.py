@@ -3,7 +3,7 @@ synthetic): shuffling, augmentation and normalisation all happen on the device, 
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +58,9 @@ class TensorData(Data):
         self.check_split(split)
         return len(self.y[split])
 
-    def train_batches(self, batch_size: int, seed: int, epoch: int, augment: bool = True) -> Iterator[Batch]:
-        bounds = batch_bounds(self.num_samples("train"), batch_size)
+    def train_batches(self, batch_size: int, seed: int, epoch: int, augment: bool = True,
+                      shard: Any = None) -> Iterator[Batch]:
+        bounds = batch_bounds(self.num_samples("train"), batch_size, shard)
         order, generator = self.epoch_order(seed, epoch)
         draws = self._draw_augmentation(generator, len(order)) if augment and self.augments else None
         return self._train_batches(bounds, order.to(self.device), draws)

@@ -5,7 +5,8 @@ kept for the checkpoints and the log.
 
 With `eval_train_samples` the per-epoch train metrics come from that fixed seeded subset of
 the training split, the points that are checkpointed or start a cycle from the whole split;
-each train evaluation then also records its sample count (train, samples)."""
+each train evaluation then also records its sample count (train, samples). In a job of
+several processes each rank evaluates its shard of the samples and rank 0 writes the rows."""
 
 from __future__ import annotations
 
@@ -15,14 +16,17 @@ from torch import nn
 
 from ..acceleration import StepRunner
 from ..config import Config
+from ..distributed import Group
 from ..records import append_metrics
 from ..rundir import RunDir
 from ..trainer import Position, evaluate
 
 
 class Evaluation:
-    def __init__(self, run: RunDir, data: Any, config: Config, runner: StepRunner, log: Callable[[str], None]):
+    def __init__(self, run: RunDir, data: Any, config: Config, runner: StepRunner, log: Callable[[str], None],
+                 group: Group | None = None):
         self.run, self.data, self.runner, self.log = run, data, runner, log
+        self.group = group if group is not None else Group()
         self.batch_size = config.optim.eval_batch_size
         samples = config.run.eval_train_samples
         # The subset depends only on the run's seed, so it is the same after a resume.
@@ -36,7 +40,8 @@ class Evaluation:
         rows = []
         for split in ("train", "test"):
             indices = self.train_subset if split == "train" and not full else None
-            result = evaluate(model, self.data, split, self.batch_size, self.runner.device, indices, self.runner)
+            result = evaluate(model, self.data, split, self.batch_size, self.runner.device, indices, self.runner,
+                              self.group)
             for metric, value in result.items():
                 self.metrics[f"{split}_{metric}"] = value
                 rows.append((*where, split, metric, repr(value)))
@@ -46,7 +51,8 @@ class Evaluation:
         rows.append((*where, "train", "lr", repr(lr)))
         rows.append((*where, "train", "sparsity", repr(sparsity)))
         rows.append((*where, "train", "flops", repr(flops)))
-        append_metrics(self.run, rows)
+        if self.group.is_main:
+            append_metrics(self.run, rows)
 
     def log_epoch(self, position: Position, epochs: int, lr: float, sparsity: float, evaluated: bool = True) -> None:
         head = f"cycle {position.cycle} epoch {position.epoch}/{epochs} step {position.step}: "

@@ -1,7 +1,8 @@
 """The mask of a run being trained and what follows it: the masked step that keeps pruned
 weights (and their momentum) at exactly zero, the FLOP count of every step at the mask's
 density, the mask changes at cycle starts (layer collapse reported), and a moving mask's
-updates after optimizer steps (GMP, RigL)."""
+updates after optimizer steps (GMP, RigL). In a job of several processes every mask change is
+decided by rank 0 and broadcast, weights included, so the ranks train bitwise-identical masks."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from ..config import Config
 from ..data.base import batch_bounds
+from ..distributed import Group
 from ..flops import FlopCounter, layer_costs
 from ..masks import Mask, MaskedStep, apply_mask_, collapsed_layers, ones_mask, sparsity, validate_mask
 from ..methods import MaskChange, MaskInputs, MovingMask
@@ -22,8 +24,9 @@ class MaskControl:
     """Starts dense; `bind` an optimizer before the first step."""
 
     def __init__(self, model: nn.Module, config: Config, data: Any, device: str, moving: MovingMask | None,
-                 log: Callable[[str], None], warn: Callable[[str], None]):
+                 log: Callable[[str], None], warn: Callable[[str], None], group: Group | None = None):
         self.model, self.config, self.data, self.device = model, config, data, device
+        self.group = group if group is not None else Group()
         self.moving, self.log, self.warn = moving, log, warn
         self.mask = ones_mask(model)
         self.flops = FlopCounter(layer_costs(model, data.input_shape, device))
@@ -49,7 +52,8 @@ class MaskControl:
         """The mask change at the start of `cycle`, from the weights the previous cycle trained.
         The new mask takes effect with `apply`, after the cycle's weight source is loaded."""
         started = time.perf_counter()
-        self.mask = change.apply(MaskInputs(self.model, self.mask, self.config, self.data, self.device, cycle))
+        self.mask = self._agreed(change.apply(MaskInputs(self.model, self.mask, self.config, self.data, self.device,
+                                                         cycle)))
         self.log(f"cycle {cycle}: {change.describe()} to sparsity {self.sparsity:.4f} "
                  f"in {time.perf_counter() - started:.1f}s")
         collapsed = collapsed_layers(self.mask)
@@ -71,9 +75,22 @@ class MaskControl:
         update = self.moves_at(t)
         self.flops.add_step(self.batch_sizes[batch - 1], dense_gradient=update and self.moving.needs_dense_gradient)
         if update:
-            self.mask = self.moving.update(self.model, self.mask, self.optimizer, t)
+            self.mask = self._agreed(self.moving.update(self.model, self.mask, self.optimizer, t))
             self.bind(self.optimizer)
             self.flops.set_mask(self.mask)
+
+    def _agreed(self, mask: Mask) -> Mask:
+        """The mask rank 0 decided, on every rank, with rank 0's weights: every rank decides
+        from the same weights and data, but a nondeterministic kernel (a GPU's) could tip a
+        tie, and the ranks must never train different masks. A single process keeps its own."""
+        if not self.group.distributed:
+            return mask
+        local = {name: m.clone() for name, m in mask.items()}
+        self.group.broadcast_([*mask.values(), *self.model.parameters()])
+        differing = sum(int((local[name] != m).sum()) for name, m in mask.items())
+        if self.group.any(differing > 0):
+            self.log("note: the processes decided masks that differ in some weights; rank 0's mask is used")
+        return mask
 
     def restore(self, mask: Mask, optimizer: torch.optim.Optimizer, flops: int) -> None:
         """The mask, optimizer and FLOP count of a resume state."""

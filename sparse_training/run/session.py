@@ -15,6 +15,8 @@ import torch
 from .. import methods
 from ..acceleration import DivergenceWatch, StepRunner, channels_last_for, check_compile_supported
 from ..config import DEFAULT_EVAL_TRAIN_SAMPLES, FULL_TRAIN_EVAL_LIMIT, Config
+from ..data.base import batch_bounds
+from ..distributed import Group
 from ..errors import UserError
 from ..masks import Mask
 from ..methods import CyclePlan
@@ -27,15 +29,20 @@ from .evaluation import Evaluation
 from .mask_control import MaskControl
 
 
+STOP_CHECK_EVERY = 16  # steps between the ranks' agreements on a stop request (torchrun)
+
+
 class RunSession:
     """Drives the plan through the loop; owns the model and optimizer; `masks`, `evaluation`
     and `checkpoints` own the rest."""
 
     def __init__(self, run: RunDir, config: Config, data: Any, device: str, log: Callable[[str], None],
-                 stop: Callable[[], bool], max_parameters: int | None = None):
+                 stop: Callable[[], bool], max_parameters: int | None = None, group: Group | None = None):
         from ..models import build_model, model_config_for, sized_model
 
         self.run, self.data, self.device, self.log, self.stop = run, data, device, log, stop
+        self.group = group if group is not None else Group()
+        self.step = 0  # the global step of the last update, for the ranks' stop agreement
         # procedures.prepare admits a module.path:factory only when the user typed it, on resume too.
         model_cfg = model_config_for(config.model.name, config.model.kwargs, data.num_classes, data.input_shape,
                                      allow_import=True)
@@ -51,17 +58,23 @@ class RunSession:
         self.plan: CyclePlan = self.plans[0]
         torch.manual_seed(self.config.run.seed)
         self.model = build_model(self.config.model, allow_import=True).to(device)
+        _check_batch_split(data, self.config, self.model, self.group)
+        if self.config.run.sync_bn and self.group.distributed:
+            self.model = _sync_batchnorm(self.model, device)
         channels_last = channels_last_for(self.model, device, self.config.run.memory_format)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.runner = StepRunner(device, self.config.run.precision, channels_last)
-        self.forward = self._compiled() if self.config.run.compile else self.model
+        # Evaluation runs the model alone (each rank on its own samples); training runs it
+        # under DistributedDataParallel when the job has several processes.
+        self.evaluated = self._compiled() if self.config.run.compile else self.model
+        self.forward = self._data_parallel(self.evaluated) if self.group.distributed else self.evaluated
         self.watch = DivergenceWatch(device)
         self.optimizer = make_optimizer(self.model, self.config.optim)
         moving = self.method.moving_mask(self.config, self.spans[0].steps)
-        self.masks = MaskControl(self.model, self.config, data, device, moving, log, self._warn)
+        self.masks = MaskControl(self.model, self.config, data, device, moving, log, self._warn, self.group)
         self.masks.bind(self.optimizer)
-        self.evaluation = Evaluation(run, data, self.config, self.runner, log)
+        self.evaluation = Evaluation(run, data, self.config, self.runner, log, self.group)
         self.checkpoints = Checkpointing(run, self.config)
 
     def _compiled(self) -> torch.nn.Module:
@@ -69,6 +82,14 @@ class RunSession:
         optimizer keep working on `self.model`."""
         check_compile_supported(self.device)
         return torch.compile(self.model)
+
+    def _data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
+        """DistributedDataParallel over the job's processes: it averages the gradients of
+        every step over the ranks during the backward pass (NCCL on GPUs, gloo on CPU)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        cuda = torch.device(self.device).type == "cuda"
+        return DistributedDataParallel(module, device_ids=[torch.device(self.device)] if cuda else None)
 
     @property
     def mask(self) -> Mask:
@@ -86,6 +107,8 @@ class RunSession:
         """A warning in the log and, for whoever reads the run later, in meta.json, once: a
         resumed run replays the steps since its last state, warnings included."""
         self.log(f"warning: {warning}")
+        if not self.group.is_main:
+            return
         recorded = read_meta(self.run).get("warnings", [])
         if warning not in recorded:
             update_meta(self.run, warnings=recorded + [warning])
@@ -93,9 +116,13 @@ class RunSession:
     # -------------------------------------------------------- state and checkpoints
 
     def save_checkpoint(self, label: str, position: Position, cycle: int | None, epoch: int | None) -> None:
+        if not self.group.is_main:  # the ranks hold the same weights; one writes the run directory
+            return
         self.checkpoints.save(label, self.model, self.mask, position, cycle, epoch, self.evaluation.metrics)
 
     def save_state(self, position: Position, cycle_started: bool) -> None:
+        if not self.group.is_main:
+            return
         self.checkpoints.save_state(model=self.model, optimizer=self.optimizer, mask=self.mask, position=position,
                                     cycle_started=cycle_started, metrics=self.evaluation.metrics,
                                     flops=self.masks.flops.total, grad_scaler=self.runner.state_dict())
@@ -117,8 +144,11 @@ class RunSession:
             return position, bool(state["cycle_started"])
 
     def _evaluate(self, position: Position, lr: float, full: bool = True) -> None:
-        """Evaluate; `full` = the whole training split even when per-epoch train metrics use a subset."""
-        self.evaluation.record(self.forward, position, lr, self.masks.sparsity, self.masks.flops.total, full)
+        """Evaluate; `full` = the whole training split even when per-epoch train metrics use a subset.
+        Every rank evaluates with rank 0's BatchNorm statistics: DDP hands them to the other
+        ranks before each forward pass, and each rank's own last pass has moved them since."""
+        self.group.broadcast_(self.model.buffers())
+        self.evaluation.record(self.evaluated, position, lr, self.masks.sparsity, self.masks.flops.total, full)
 
     # -------------------------------------------------------- cycle start and loop callbacks
 
@@ -128,6 +158,7 @@ class RunSession:
         if plan.mask_change is not None:
             self.masks.change(plan.mask_change, plan.index)
         if plan.weights in ("rewind", "init"):
+            self.group.barrier()  # rank 0 has written the checkpoint the cycle starts from
             self.checkpoints.load_weights(plan.weights, self.model, self.device)
         self.masks.apply()
         self.optimizer = make_optimizer(self.model, self.config.optim)
@@ -138,6 +169,7 @@ class RunSession:
         self.save_state(position, cycle_started=True)
 
     def after_step(self, position: Position) -> None:
+        self.step = position.step
         t = position.step - self.spans[self.plan.index].start_step
         if self.masks.moves_at(t):
             self.watch.check()  # a mask is never chosen from weights past a non-finite loss
@@ -145,6 +177,7 @@ class RunSession:
 
     def end_of_epoch(self, position: Position, lr: float) -> None:
         plan, every, run = self.plan, self.config.run.save_every, self.config.run
+        self.group.check_identical("masks or weights", [*self.mask.values(), *self.model.parameters()])
         last = position.epoch == plan.epochs
         checkpointed = last or plan.save_rewind_at == position.epoch or bool(every and position.epoch % every == 0)
         evaluated = checkpointed or position.epoch % run.eval_every == 0
@@ -162,10 +195,15 @@ class RunSession:
         self.evaluation.log_epoch(position, plan.epochs, lr, self.masks.sparsity, evaluated)
 
     def should_stop(self) -> bool:
-        return self.stop()
+        """A stop requested of any rank (SIGTERM to one process) stops every rank at the same
+        step. The ranks agree every STOP_CHECK_EVERY steps: asking costs a host-device sync."""
+        if self.group.distributed and self.step % STOP_CHECK_EVERY:
+            return False
+        return self.group.any(self.stop())
 
     def stopped(self, position: Position) -> None:
         self.save_state(position, cycle_started=True)
+        self.group.barrier()  # no rank leaves before the resume state is saved
 
     # -------------------------------------------------------- driving the plan
 
@@ -193,7 +231,7 @@ class RunSession:
                 model=self.forward, optimizer=self.optimizer, masked_step=self.masks.zero_pruned, data=self.data,
                 optim=self.config.optim, span=span, start=position, seed=self.config.run.seed,
                 augment=self.config.data.augment, runner=self.runner, watch=self.watch,
-                callbacks=self if callbacks is None else callbacks, progress=progress,
+                callbacks=self if callbacks is None else callbacks, progress=progress, group=self.group,
             )
         except torch._dynamo.exc.TorchDynamoException as error:  # only raised with --compile
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
@@ -209,6 +247,27 @@ def _eval_train_samples(requested: int | None, data: Any) -> int | None:
         raise UserError(f"--eval-train-samples {requested} exceeds the {available} training samples of "
                         f"{data.name}; choose at most {available}")
     return requested
+
+
+def _check_batch_split(data: Any, config: Config, model: torch.nn.Module, group: Group) -> None:
+    """Every rank needs samples of every batch: two, where BatchNorm trains on them."""
+    if not group.distributed:
+        return
+    smallest = min(stop - start for start, stop in batch_bounds(data.num_samples("train"), config.optim.batch_size))
+    needed = 2 if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
+    if smallest // group.world < needed:
+        raise UserError(f"the smallest training batch ({smallest} samples of {data.name} at --batch-size "
+                        f"{config.optim.batch_size}) cannot give each of {group.world} processes {needed} sample(s)"
+                        f"{' for BatchNorm' if needed == 2 else ''}; choose a batch size whose last batch is larger, "
+                        "or fewer processes")
+
+
+def _sync_batchnorm(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """BatchNorm layers as SyncBatchNorm, whose statistics span every rank's part of the batch."""
+    if torch.device(device).type != "cuda":
+        raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm runs on CUDA only; on CPU drop --sync-bn "
+                        "(each process then normalises by the statistics of its own part of the batch)")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def _match_memory_format(optimizer: torch.optim.Optimizer) -> None:
