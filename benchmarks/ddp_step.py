@@ -4,7 +4,7 @@ under DDP (gradient all-reduce, the loss weighted by the rank's share), in alter
 rank 0 prints the medians and their ratio. With one process the ratio is DDP's wrapper
 overhead; with N it adds the all-reduce, which is what N-GPU scaling loses per step.
 
-    torchrun --standalone --nproc_per_node N benchmarks/ddp_step.py [--device cuda] [--steps 40]
+    torchrun --standalone --nproc_per_node N benchmarks/ddp_step.py [--device cuda] [--steps 20]
 
 (`landscape train` itself never wraps a one-process job in DDP: torchrun with one process
 trains exactly as a plain process.)"""
@@ -61,7 +61,7 @@ def bench(name, kwargs, shape, batch, steps, repeats, group, device) -> tuple[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

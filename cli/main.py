@@ -48,7 +48,10 @@ class LazyGroup(click.Group):
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except click.UsageError as error:
-            click.echo(f"error: {usage_error_line(error)}", err=True)
+            from sparse_training.distributed import environment_rank
+
+            if environment_rank() == 0:  # under torchrun every rank meets the same error
+                click.echo(f"error: {usage_error_line(error)}", err=True)
             sys.exit(2)
         except click.ClickException as error:
             error.show()

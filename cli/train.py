@@ -83,6 +83,7 @@ def _launch(nproc: int) -> None:
     on this machine); exits with rank 0's exit code. A SIGTERM or Ctrl-C reaches every rank,
     which saves the resume state and stops."""
     import logging
+    import os
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -91,8 +92,12 @@ def _launch(nproc: int) -> None:
     for name in list(logging.root.manager.loggerDict):  # the ranks say what went wrong, in one line
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    # torchrun would give every rank one thread; share the cores instead, unless told.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # -P: the working directory is not searched, so a `cli` module there never stands in for ours.
+    command = [sys.executable, "-P", "-m", "cli", *_without_nproc(sys.argv[1:])]
     try:
-        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "cli", *_without_nproc(sys.argv[1:])]))
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "--no-python", *command]))
     except ChildFailedError as error:
         # rank 0's code, unless torchrun stopped it because another rank ended first
         codes = [error.failures[rank].exitcode for rank in sorted(error.failures)]

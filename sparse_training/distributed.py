@@ -55,8 +55,8 @@ class Group:
         return items[lo:hi]
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks, in place (also returned); float64 sums make it order-independent
-        to well below float32 precision."""
+        """The sum over ranks, in place (also returned). Callers pass float64 sums, so that the
+        order in which ranks add up changes nothing at float32 precision."""
         if self.distributed:
             moved = tensor.to(self.device)
             dist.all_reduce(moved)
@@ -100,7 +100,7 @@ class Group:
         if self.is_main:
             try:
                 value = action()
-            except Exception as raised:  # noqa: BLE001 - raised again below, on every rank
+            except BaseException as raised:  # noqa: BLE001 - raised again below, on every rank
                 error = raised
         shared = self.share((None if error is None else FailedOnMain.of(error), value) if self.is_main else None)
         if error is not None:
@@ -149,11 +149,21 @@ class FailedOnMain(SparseTrainingError):
         return FailedOnMain, (str(self), self.exit_code)
 
 
+_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1 << 20
+
+
 def _checksum(tensor: torch.Tensor) -> torch.Tensor:
-    """An int64 digest of a tensor's bytes, position-weighted so that moved values change it."""
-    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).to(torch.int64)
-    weights = torch.arange(raw.numel(), device=raw.device, dtype=torch.int64) % 65521 + 1
-    return (raw * weights).sum().cpu()
+    """An int64 digest of a tensor's bits (its elements read as integers of their width),
+    position-weighted so that moved values change it; chunked, so that it needs a few MB
+    whatever the tensor's size (int64 overflow wraps, which a digest may)."""
+    words = tensor.detach().contiguous().reshape(-1).view(_WORDS[tensor.element_size()])
+    total = torch.zeros((), dtype=torch.int64, device=words.device)
+    for start in range(0, words.numel(), _CHUNK):
+        chunk = words[start:start + _CHUNK].to(torch.int64)
+        weights = torch.arange(start, start + chunk.numel(), device=words.device, dtype=torch.int64) % 65521 + 1
+        total += (chunk * weights).sum()
+    return total.cpu()
 
 
 _GROUP: Group | None = None

@@ -46,12 +46,13 @@ def config(model: str, method: str) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """Every case trained in one process and under torchrun; plus a DDP run of mlp/pai-cyclic
-    stopped by rank 1 alone mid-epoch (the ranks agree on stops every 16 steps: step 16 is
-    batch 4 of cycle 1's first epoch) and resumed by the same job."""
+    stopped by rank 1 alone mid-epoch and resumed by the same job. The ranks agree on stops at
+    every 16th step and every epoch's last one (6 batches per epoch): steps 6, 12, then 16,
+    batch 4 of cycle 1's first epoch, where rank 1 asks (its third agreement)."""
     root = tmp_path_factory.mktemp("ddp")
     jobs = [{"out": str(root / f"ddp-{model}-{method}"), "config": config(model, method)} for model, method in CASES]
     stopped = {"out": str(root / "stopped"), "config": config("mlp", "pai-cyclic")}
-    jobs += [{**stopped, "stop_rank": 1, "stop_after": 0}, {**stopped, "resume": True}]
+    jobs += [{**stopped, "stop_rank": 1, "stop_after": 2}, {**stopped, "resume": True}]
     (root / "jobs.json").write_text(json.dumps(jobs))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(Path(__file__).parent / "ddp_jobs.py"), str(root / "jobs.json")],
@@ -90,7 +91,7 @@ def test_ddp_equals_the_single_process_run(runs, model, method):
 
 def test_a_stop_on_one_rank_stops_both_and_the_resumed_run_equals_the_uninterrupted_one(runs):
     resumed, whole = final(runs / "stopped"), final(runs / "ddp-mlp-pai-cyclic")
-    for rank in (0, 1):  # both ranks stopped at the first agreement, step 16, with the state saved
+    for rank in (0, 1):  # both ranks stopped at rank 1's request, step 16, with the state saved
         stops = json.loads((runs / f"jobs.json.stops.rank{rank}").read_text())
         assert len(stops) == 1 and "stopped at cycle 1, epoch 0, step 16; resume state saved" in stops[0]
     for a, b in zip(whole, resumed):
@@ -144,3 +145,24 @@ def test_refusals_under_torchrun_are_one_line_from_rank_0(tmp_path, monkeypatch)
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(
         "error: `landscape signs` does not run under torchrun (only train, barrier, connectivity, sharpness do); "
         "run it as one process")
+
+
+def test_a_batch_that_cannot_give_every_rank_its_samples_is_refused():
+    """256 samples in batches of 127: the last batch holds 2, one per rank of 2, which an MLP
+    can train on and BatchNorm cannot (it needs two samples per rank)."""
+    from sparse_training.data import load_data
+    from sparse_training.distributed import Group
+    from sparse_training.errors import UserError
+    from sparse_training.models import build_model, model_config_for
+    from sparse_training.run.session import _check_batch_split
+
+    data = load_data(Config.from_dict(BASE).data)
+    two_ranks = Group(rank=0, world=2)  # only its size is read: no process group needed
+    for model, refused in (("mlp", False), ("resnet1d", True)):
+        config = Config.from_dict({**BASE, "model": {"name": model}, "optim": {"batch_size": 127}})
+        built = build_model(model_config_for(model, {}, data.num_classes, data.input_shape))
+        if refused:
+            with pytest.raises(UserError, match="smallest training batch \\(2 samples.*2 processes 2 sample"):
+                _check_batch_split(data, config, built, two_ranks)
+        else:
+            _check_batch_split(data, config, built, two_ranks)

@@ -295,9 +295,29 @@ def test_failed_run_does_not_stop_the_others(tmp_path):
     run.mkdir()
     (run / "DONE").write_text("done\n")
     (run / "signs.nc").write_text("")
+    (tmp_path / "signs.done").write_text("")
     never = [sys.executable, "-c", "raise SystemExit(9)"]
-    job = RunJob("x", str(run), never, [("signs", never, str(run / "signs.nc"))], {}, str(tmp_path / "x.lock"))
+    job = RunJob("x", str(run), never, [("signs", never, str(run / "signs.nc"), str(tmp_path / "signs.done"))], {},
+                 str(tmp_path / "x.lock"))
     assert job()["analyses_skipped"] == ["signs"]
+
+
+def test_an_analysis_file_a_stopped_job_left_is_completed_not_skipped(tmp_path):
+    """Analyses write as they go: a file without the job's marker is partial, and the next job
+    runs the analysis again (which reuses what the file holds), then marks it finished."""
+    from sparse_training.sweep.jobs import RunJob
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "DONE").write_text("done\n")
+    (run / "connectivity.nc").write_text("partial")
+    ran = tmp_path / "ran"
+    finish = [sys.executable, "-c", f"open({str(ran)!r}, 'a').write('x')"]
+    marker = tmp_path / ".analysed" / "x" / "connectivity"
+    job = RunJob("x", str(run), [], [("connectivity", finish, str(run / "connectivity.nc"), str(marker))], {},
+                 str(tmp_path / "x.lock"))
+    assert job()["analyses_computed"] == ["connectivity"] and ran.read_text() == "x" and marker.exists()
+    assert job()["analyses_skipped"] == ["connectivity"] and ran.read_text() == "x"
 
 
 # ---------------------------------------------------------------- SLURM, pre-emption

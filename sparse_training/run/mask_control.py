@@ -89,7 +89,8 @@ class MaskControl:
         self.group.broadcast_([*mask.values(), *self.model.parameters()])
         differing = sum(int((local[name] != m).sum()) for name, m in mask.items())
         if self.group.any(differing > 0):
-            self.log("note: the processes decided masks that differ in some weights; rank 0's mask is used")
+            self.log("note: the processes decided masks that differ in some weights; rank 0's mask and weights are "
+                     "used (the epoch-end check compares the ranks' weights again)")
         return mask
 
     def restore(self, mask: Mask, optimizer: torch.optim.Optimizer, flops: int) -> None:

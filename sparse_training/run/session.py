@@ -42,7 +42,7 @@ class RunSession:
 
         self.run, self.data, self.device, self.log, self.stop = run, data, device, log, stop
         self.group = group if group is not None else Group()
-        self.step = 0  # the global step of the last update, for the ranks' stop agreement
+        self.step, self.last_of_epoch = 0, False  # where the last update was, for the ranks' stop agreement
         # procedures.prepare admits a module.path:factory only when the user typed it, on resume too.
         model_cfg = model_config_for(config.model.name, config.model.kwargs, data.num_classes, data.input_shape,
                                      allow_import=True)
@@ -170,6 +170,7 @@ class RunSession:
 
     def after_step(self, position: Position) -> None:
         self.step = position.step
+        self.last_of_epoch = position.batch == self.spans[self.plan.index].steps_per_epoch
         t = position.step - self.spans[self.plan.index].start_step
         if self.masks.moves_at(t):
             self.watch.check()  # a mask is never chosen from weights past a non-finite loss
@@ -196,8 +197,9 @@ class RunSession:
 
     def should_stop(self) -> bool:
         """A stop requested of any rank (SIGTERM to one process) stops every rank at the same
-        step. The ranks agree every STOP_CHECK_EVERY steps: asking costs a host-device sync."""
-        if self.group.distributed and self.step % STOP_CHECK_EVERY:
+        step. The ranks agree every STOP_CHECK_EVERY steps and at every epoch's last step (so a
+        stop late in a run is honoured too): asking costs a host-device sync."""
+        if self.group.distributed and self.step % STOP_CHECK_EVERY and not self.last_of_epoch:
             return False
         return self.group.any(self.stop())
 

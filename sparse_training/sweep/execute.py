@@ -81,7 +81,7 @@ def todo(spec: Spec, sweep: SweepDir) -> tuple[list[PlannedRun], list[PlannedRun
     left, finished = [], []
     for run in spec.runs:
         done = (sweep.run(run.name) / "DONE").exists()
-        analyses = all(sweep.analysis(run.name, a).exists() for a in spec.analyses)
+        analyses = all(sweep.analysis_done(run.name, a) for a in spec.analyses)
         (finished if done and analyses else left).append(run)
     return left, finished
 
@@ -96,7 +96,7 @@ def make_job(spec: Spec, sweep: SweepDir, run: PlannedRun, res: Resources, env: 
         out = sweep.analysis(run.name, name).absolute()
         command = analysis_command(name, path.absolute(), args, out,
                                    device if name in ANALYSES_WITH_DEVICE else None, res.python)
-        analyses.append((name, command, str(out)))
+        analyses.append((name, command, str(out), str(sweep.analysed(run.name, name).absolute())))
     return RunJob(run.name, str(path.absolute()), train, analyses, env, str(sweep.lock(run.name).absolute()))
 
 
@@ -215,7 +215,7 @@ def dry_run(spec: Spec, sweep: SweepDir, res: Resources) -> dict[str, Any]:
         env, device = local_slot(res, i % res.parallel) if res.executor == "local" else (slurm_env(res), res.device)
         job = make_job(spec, sweep, run, res, env, device)
         jobs.append({"name": run.name, "point": run.point, "env": env, "train": job.train,
-                     "analyses": [command for _, command, _ in job.analyses]})
+                     "analyses": [command for _, command, _, _ in job.analyses]})
     result = {"sweep": str(sweep.path), "runs": len(spec.runs), "to_run": jobs, "skipped": [r.name for r in finished]}
     if res.executor == "slurm":
         result["sbatch"] = sbatch_preview(sweep.submitit.absolute(), res)

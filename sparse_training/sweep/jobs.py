@@ -24,27 +24,30 @@ LOCK_WAIT_S = 10
 
 def train_command(config: str | Path, run: str | Path, device: str, gpus: int = 1,
                   python: str | None = None) -> list[str]:
-    """`python -m cli train --config CONFIG --out RUN --device DEVICE`, under torchrun when a run
-    spans several GPUs."""
+    """`python -P -m cli train --config CONFIG --out RUN --device DEVICE`, under torchrun when a
+    run spans several GPUs. -P: the working directory is not searched, so a `cli` module there
+    never stands in for the installed one."""
     python = python or sys.executable
-    args = ["-m", "cli", "train", "--config", str(config), "--out", str(run), "--device", device]
+    args = [python, "-P", "-m", "cli", "train", "--config", str(config), "--out", str(run), "--device", device]
     if gpus > 1:
-        return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), *args]
-    return [python, *args]
+        return [python, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
+                "--no-python", *args]
+    return args
 
 
 def analysis_command(name: str, run: str | Path, args: list[str], out: str | Path, device: str | None,
                      python: str | None = None) -> list[str]:
-    """`python -m cli NAME RUN ARGS --out OUT [--device DEVICE]`."""
-    command = [python or sys.executable, "-m", "cli", name, str(run), *args, "--out", str(out)]
+    """`python -P -m cli NAME RUN ARGS --out OUT [--device DEVICE]`."""
+    command = [python or sys.executable, "-P", "-m", "cli", name, str(run), *args, "--out", str(out)]
     return command + (["--device", device] if device is not None else [])
 
 
 class RunJob:
-    """The callable a submitit job runs. `analyses` is [(name, command, output file)]; `env`
+    """The callable a submitit job runs. `analyses` is [(name, command, output file, marker
+    written when it finished)]; `env`
     holds the variables the job's processes get (threads, visible GPUs)."""
 
-    def __init__(self, name: str, run: str, train: list[str], analyses: list[tuple[str, list[str], str]],
+    def __init__(self, name: str, run: str, train: list[str], analyses: list[tuple[str, list[str], str, str]],
                  env: dict[str, str], lock: str):
         self.name, self.run, self.train, self.analyses, self.env, self.lock = name, run, train, analyses, env, lock
         self._child: subprocess.Popen | None = None
@@ -77,14 +80,17 @@ class RunJob:
                 return self._result("failed", error=f"training exited with {code}: {last}")
             trained = "trained"
         computed, skipped, errors = [], [], []
-        for name, command, out in self.analyses:
-            if Path(out).exists():
+        for name, command, out, marker in self.analyses:
+            if Path(out).exists() and Path(marker).exists():
                 skipped.append(name)
                 continue
+            # A file without its marker is what a stopped job left: the analysis reuses what it holds.
             code, last = self._subprocess(command)
             if code != 0:
                 errors.append(f"{name} exited with {code}: {last}")
             else:
+                Path(marker).parent.mkdir(parents=True, exist_ok=True)
+                Path(marker).touch()
                 computed.append(name)
         return self._result("failed" if errors else "done", training=trained, analyses_computed=computed,
                             analyses_skipped=skipped, error="; ".join(errors) or None)

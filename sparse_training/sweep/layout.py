@@ -6,7 +6,8 @@ SWEEP/
   runs/<name>/                a run directory (sparse_training/rundir.py)
   runs/<name>/analysis/<analysis>.nc   each analysis of the spec, where the command puts it by default
   .submitit/                  submitit's pickles and logs (<job id>_0_log.err/.out)
-  .locks/<name>.lock          held by the job working on the run"""
+  .locks/<name>.lock          held by the job working on the run
+  .analysed/<name>/<analysis> written once that analysis of the run has finished"""
 
 from __future__ import annotations
 
@@ -36,6 +37,15 @@ class SweepDir(StudyDir):
 
     def config(self, name: str) -> Path:
         return self.path / "configs" / f"{name}.toml"
+
+    def analysed(self, name: str, analysis: str) -> Path:
+        """The marker a job writes once `analysis` of run `name` has finished: an analysis
+        file alone may be partial (analyses write as they go, and a stopped job leaves what
+        it had), and rerunning the analysis completes it, reusing what is there."""
+        return self.path / ".analysed" / name / analysis
+
+    def analysis_done(self, name: str, analysis: str) -> bool:
+        return self.analysed(name, analysis).exists() and self.analysis(name, analysis).exists()
 
     def lock(self, name: str) -> Path:
         return self.path / ".locks" / f"{name}.lock"
@@ -82,7 +92,7 @@ def run_state(sweep: SweepDir, name: str) -> dict[str, Any]:
     run = RunDir(sweep.run(name))
     entry: dict[str, Any] = {"name": name, "run": str(run.path), "state": "not started", "cycle": None,
                              "epoch": None, "step": None, "test_accuracy": None, "error": None,
-                             "analyses": [p.stem for p in run.analysis_files()]}
+                             "analyses": [p.stem for p in run.analysis_files() if sweep.analysis_done(name, p.stem)]}
     if not run.exists():
         entry["state"] = "running" if _held(sweep.lock(name)) else "not started"
         return entry
