@@ -48,9 +48,11 @@ def connectivity(
     inputs: Sequence[str | Path], settings: PathSettings, *, files: bool = False, out: str | Path | None = None,
     overwrite: bool = False, allow_incomplete: bool = False, device: str = "cpu", options: LoadOptions = LoadOptions(),
     progress: Progress | None = None, log: Callable[[str], None] = lambda message: None,
+    checkpoints: Sequence[str] | None = None,
 ) -> AnalysisResult:
     """Barriers between the pairs `inputs` name: with `files`, two checkpoint files (`landscape
-    barrier`); else the consecutive cycles of one run, or the matching cycles of two runs.
+    barrier`); else the consecutive cycles of one run (or consecutive entries of the ordered
+    label sequence `checkpoints`), or the matching cycles (or `checkpoints`) of two runs.
     The dataset goes to `out`, by default RUN/analysis/barrier_<A>__<B>.nc (<A>__<B>.barrier.nc
     beside files outside any run), RUN/analysis/connectivity.nc or connectivity_<RUN_B>.nc."""
     if files:
@@ -61,7 +63,7 @@ def connectivity(
         pairs = [pair]
     else:
         runs = [run_dir(path, allow_incomplete, "pass one run directory, or two (matching cycles)") for path in inputs]
-        pairs = consecutive_pairs(runs[0]) if len(runs) == 1 else matching_pairs(*runs)
+        pairs = consecutive_pairs(runs[0], checkpoints) if len(runs) == 1 else matching_pairs(*runs, checkpoints)
         run = runs[0]
         target = analysis_output(ANALYSIS, run, [], ANALYSIS if len(runs) == 1 else f"{ANALYSIS}_{runs[1].path.name}")
     return compute_pairs(pairs, settings, out if out is not None else target, run=run, overwrite=overwrite,
@@ -88,7 +90,13 @@ def checkpoint_pair(path_a: str | Path, path_b: str | Path) -> Pair:
     return Pair(f"{_qualifier(a)}/{a.stem}..{_qualifier(b)}/{b.stem}", a, b)
 
 
-def consecutive_pairs(run: RunDir) -> list[Pair]:
+def consecutive_pairs(run: RunDir, labels: Sequence[str] | None = None) -> list[Pair]:
+    """Pairs of consecutive cycle checkpoints, or of consecutive entries of `labels`: any
+    ordered sequence of the run's checkpoints (the epoch checkpoints of a one-cycle run at
+    another run's cycle boundaries, say)."""
+    if labels is not None:
+        labels = _checked_sequence(run, labels)
+        return [Pair(f"{x}..{y}", run.checkpoint(x), run.checkpoint(y)) for x, y in zip(labels, labels[1:])]
     labels = run.cycle_labels()
     if len(labels) < 2:
         raise UserError(f"run {run.path} has {len(labels)} cycle checkpoint(s); consecutive-cycle connectivity "
@@ -96,10 +104,37 @@ def consecutive_pairs(run: RunDir) -> list[Pair]:
     return [Pair(f"{x}..{y}", run.checkpoint(x), run.checkpoint(y)) for x, y in zip(labels, labels[1:])]
 
 
-def matching_pairs(run_a: RunDir, run_b: RunDir) -> list[Pair]:
+def _checked_sequence(run: RunDir, labels: Sequence[str]) -> list[str]:
+    """`labels` as an ordered path through checkpoints `run` holds: at least two."""
+    if len(labels) < 2:
+        raise UserError(f"--checkpoints names {len(labels)} checkpoint(s); a path needs at least two, in order "
+                        "(e.g. --checkpoints cycle_000,cycle_001,cycle_002)")
+    return _held(run, labels)
+
+
+def _held(run: RunDir, labels: Sequence[str]) -> list[str]:
+    """`labels` (already through the label grammar), each once, each a checkpoint of `run`."""
+    labels = list(labels)
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise UserError(f"--checkpoints names {repeated[0]} twice; each checkpoint may appear once")
+    missing = [label for label in labels if not run.checkpoint(label).is_file()]
+    if missing:
+        available = ", ".join(run.checkpoint_labels(include_intermediate=True)) or "none"
+        raise UserError(f"run {run.path} has no checkpoint {missing[0]}; it has {available} (train with "
+                        "--save-every N for epoch checkpoints)")
+    return labels
+
+
+def matching_pairs(run_a: RunDir, run_b: RunDir, labels: Sequence[str] | None = None) -> list[Pair]:
+    """Pairs of the checkpoints both runs hold under the same label: the cycle checkpoints, or `labels`."""
     if run_a.path.resolve() == run_b.path.resolve():
         raise UserError(f"{run_a.path} was given twice; pass one run for consecutive cycles, or two different runs")
-    common = [label for label in run_a.cycle_labels() if label in set(run_b.cycle_labels())]
+    if labels is not None:
+        _held(run_a, labels)
+        common = _held(run_b, labels)
+    else:
+        common = [label for label in run_a.cycle_labels() if label in set(run_b.cycle_labels())]
     if not common:
         raise UserError(f"runs {run_a.path} and {run_b.path} have no cycle checkpoint label in common")
     name_a, name_b = run_a.path.name, run_b.path.name
@@ -284,5 +319,10 @@ def compute_pairs(
 
         return compute
 
-    return update_labels(out, ANALYSIS, order, prepare, lambda ds, new: _ranked(merge_along(ds, new, "pair"), order),
-                         dim="pair", settings=settings.as_dict(), overwrite=overwrite)
+    # Barriers are recomputed from the curves of every pair, stored ones included, so that a
+    # file written before a barrier variable existed gains it (in the result at once, in the
+    # file when a pair is next added).
+    result = update_labels(out, ANALYSIS, order, prepare,
+                           lambda ds, new: with_barriers(_ranked(merge_along(ds, new, "pair"), order)),
+                           dim="pair", settings=settings.as_dict(), overwrite=overwrite)
+    return replace(result, dataset=with_barriers(result.dataset))

@@ -78,3 +78,22 @@ def test_straight_line_has_no_linear_barrier_and_half_the_rise_as_midpoint_barri
     e = curve(np.linspace(e0, e1, points))
     assert float(barrier_linear(e)) == pytest.approx(0.0, abs=1e-9)
     assert float(barrier(e)) == pytest.approx(abs(e1 - e0) / 2, abs=1e-9)
+
+
+def test_a_monotone_path_has_no_linear_barrier_and_its_midpoint_barrier_is_flagged():
+    """The demo's misleading case: error falling from 12.7 % to 6.3 % along the path."""
+    out = with_barriers(xr.Dataset({"error": curve(np.linspace(0.127, 0.063, 11))}))
+    assert float(out.error_barrier_linear) == pytest.approx(0.0, abs=1e-12)
+    assert float(out.error_barrier) == pytest.approx(0.032)  # half the endpoints' difference, no barrier at all
+    assert float(out.error_endpoint_difference) == pytest.approx(0.064)
+    assert int(out.error_barrier_gap_dominated) == 1
+
+
+def test_a_rise_larger_than_the_endpoint_difference_is_not_flagged():
+    # E = 0.1, 0.4, 0.15: midpoint barrier 0.4 - 0.125 = 0.275 > |0.15 - 0.1|; linear 0.4 - 0.125 = 0.275
+    out = with_barriers(xr.Dataset({"error": curve([0.1, 0.4, 0.15]), "loss": curve([[1.0, 1.2, 3.0]])}))
+    assert float(out.error_barrier) == pytest.approx(0.275) and float(out.error_barrier_linear) == pytest.approx(0.275)
+    assert int(out.error_barrier_gap_dominated) == 0
+    # loss 1.0, 1.2, 3.0: midpoint 1.0 (the far endpoint) < difference 2.0 -> flagged; linear 0
+    assert out.loss_barrier_gap_dominated.values.tolist() == [1]
+    assert float(out.loss_barrier_linear.squeeze()) == pytest.approx(0.0, abs=1e-12)

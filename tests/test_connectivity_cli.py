@@ -178,6 +178,43 @@ def test_connectivity_of_a_run_computes_only_missing_pairs(run_a):
     assert "cycle_000..cycle_001" in summary and "connectivity.nc" in summary
 
 
+def test_connectivity_along_an_explicit_checkpoint_sequence(run_a):
+    """--checkpoints a,c: the pair a..c, with the numbers `barrier` gives for those two files."""
+    result = landscape_json("connectivity", run_a, "--checkpoints", "cycle_000,cycle_002", *FAST)
+    assert result["computed"] == ["cycle_000..cycle_002"]
+    pair = result["pairs"]["cycle_000..cycle_002"]["splits"]["test"]
+    direct = landscape_json("barrier", ckpt(run_a, "cycle_000"), ckpt(run_a, "cycle_002"), *FAST,
+                            "--out", run_a / "direct.nc")
+    oracle = direct["pairs"]["cycle_000..cycle_002"]["splits"]["test"]
+    assert pair["error"] == oracle["error"] and pair["loss"] == oracle["loss"]
+    assert pair["error_barrier_linear"] == oracle["error_barrier_linear"]
+    summary = landscape("connectivity", run_a, "--checkpoints", "cycle_000,cycle_002", *FAST).stdout
+    header = summary.splitlines()[0]
+    assert header.index("error barrier (linear)") < header.index("error (midpoint)")
+    assert "Entezari" in summary and "Frankle" in summary
+
+
+@pytest.mark.parametrize("labels,message", [
+    ("cycle_001", "at least two"), ("cycle_000,cycle_000", "twice"), ("cycle_000,cycle_007", "no checkpoint cycle_007"),
+    ("cycle_000,../x", "label"),
+])
+def test_bad_checkpoint_sequences_are_one_line_exit_2(run_a, labels, message):
+    result = landscape("connectivity", run_a, "--checkpoints", labels, *FAST, expect=2)
+    assert one_line_error(result) and message in result.stderr
+    assert not (run_a / "analysis").exists()
+
+
+def test_a_file_written_before_the_gap_flag_gains_it_when_a_pair_is_added(run_a):
+    landscape("connectivity", run_a, "--checkpoints", "cycle_000,cycle_001", *FAST)
+    path = run_a / "analysis" / "connectivity.nc"
+    old = store.read_dataset(path).drop_vars(["error_barrier_gap_dominated", "error_endpoint_difference"])
+    store.write_dataset(old, path)
+    landscape("connectivity", run_a, *FAST)  # adds cycle_001..cycle_002, reuses cycle_000..cycle_001
+    ds = store.read_dataset(path)
+    expected = (abs(ds.error.isel(alpha=-1) - ds.error.isel(alpha=0)) > ds.error_barrier).astype(int)
+    np.testing.assert_array_equal(ds.error_barrier_gap_dominated.values, expected.values)
+
+
 def test_connectivity_of_two_runs_pairs_matching_cycles(runs, run_a):
     result = landscape_json("connectivity", run_a, runs["b"], "--points", "2", "--split", "test", "--bn-batches", "1")
     labels = [f"run_a/cycle_00{i}..run_b/cycle_00{i}" for i in range(3)]

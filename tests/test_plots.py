@@ -56,7 +56,7 @@ def test_vector_formats(fmt, tmp_path):
 
 
 MISSING = [
-    (plots.plot_connectivity, make.connectivity, "error_barrier"),
+    (plots.plot_connectivity, make.connectivity, "error"),  # the barriers are read off the curves
     (plots.plot_sharpness, make.sharpness, "eigenvalue"),
     (plots.plot_signs, make.signs, "flip_fraction_total"),
     (plots.plot_overlap, make.overlap, "jaccard_ratio_total"),

@@ -44,7 +44,9 @@ def _as_json(*args: str) -> dict:
     return json.loads(run_cli(*args, "--json").stdout)
 
 
-ADDED_SINCE = {"warm_started"}  # variables a recomputed file has that the old files predate
+# variables a recomputed file has that the old files predate
+ADDED_SINCE = {"warm_started", "error_endpoint_difference", "error_barrier_gap_dominated",
+               "loss_endpoint_difference", "loss_barrier_gap_dominated"}
 
 
 def _same_numbers(a, b) -> None:

@@ -1,5 +1,10 @@
 """Error and loss along the linear path between checkpoints (connectivity.nc), one panel per
-split, with each pair's barrier in the legend and drawn as a segment at its arg-max alpha."""
+split, with each pair's barrier in the legend and drawn as a segment at its arg-max alpha.
+
+Barriers are read in the linear convention (Entezari et al. 2022): the rise of the path above
+the straight line between its endpoints. The midpoint convention measures half of any
+difference between the endpoints as a barrier, so a path that falls monotonically from one
+endpoint to the other would show one; it stays in the dataset, not in the figure."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ..barrier import barrier_linear
 from .style import (
     NUMBER, TEXT, by_method, PlotInputError, as_list, axis_label, header_handle,
     legend_outside, mark_unit_interval, method_of, method_style,
@@ -19,7 +25,7 @@ from .style import (
 
 PATH = ("pair", "split", "alpha")
 REQUIRED = {"error": (PATH, NUMBER), "loss": (PATH, NUMBER), "alpha": (("alpha",), NUMBER),
-            "split": (("split",), TEXT), "pair": (("pair",), TEXT), "error_barrier": (("pair", "split"), NUMBER)}
+            "split": (("split",), TEXT), "pair": (("pair",), TEXT)}
 SPLIT_ORDER = ("train", "test")
 QUANTITIES = (("error", True), ("loss", False))  # (variable, shown in %)
 
@@ -63,10 +69,11 @@ def plot_connectivity(datasets: xr.Dataset | Sequence[xr.Dataset]) -> Figure:
             if col == 0:
                 axes[row, col].set_ylabel(axis_label(reference[name], as_pct))
     legend_outside(axes[0, -1], handles, labels, headers=headers,
-                   title=f"pair: error barrier ({' / '.join(splits)})")
+                   title=f"pair: linear error barrier ({' / '.join(splits)})\n(cN: end of cycle N, cNeK: its epoch K)")
     bn = {str(ds.attrs.get("bn_mode", "")) for ds, _ in drawn} - {""}
     set_title(fig, "Linear interpolation between checkpoints", [d for d, _ in drawn],
-              f"BatchNorm statistics: {', '.join(sorted(bn))}" if bn else "")
+              "barrier: rise above the line between the endpoints (dotted), linear convention"
+              + (f"; BatchNorm statistics: {', '.join(sorted(bn))}" if bn else ""))
     return fig
 
 
@@ -85,18 +92,19 @@ def _draw_path(ax, da_split: xr.Dataset, name: str, as_pct: bool, colour) -> Non
     alpha = np.asarray(da_split.alpha.values, dtype=float)
     values = scaled(da_split[name].values, as_pct)
     ax.plot(alpha, values, color=colour, marker="o", markersize=3)
-    barrier_alpha = f"{name}_barrier_alpha"
-    if barrier_alpha in da_split and np.isfinite(float(da_split[barrier_alpha])):
-        # The barrier as a segment: from the mean of the endpoints up to the path's maximum.
-        at = float(da_split[barrier_alpha])
-        peak = float(np.interp(at, alpha, values))
-        base = (values[0] + values[-1]) / 2
-        ax.plot([at, at], [base, peak], color=colour, linewidth=1.0, linestyle=":")
+    # The linear barrier: the chord between the endpoints, and a segment from it up to the
+    # path where the path is furthest above it (nothing where the path never rises above).
+    chord = values[0] + alpha * (values[-1] - values[0])
+    ax.plot(alpha[[0, -1]], chord[[0, -1]], color=colour, linewidth=0.8, linestyle=":")
+    at = int(np.argmax(values - chord))
+    if values[at] > chord[at]:
+        ax.plot([alpha[at], alpha[at]], [chord[at], values[at]], color=colour, linewidth=1.2)
 
 
 def _pair_legend(one: xr.Dataset, splits: list[str]) -> str:
     a = str(one.checkpoint_a.item()) if "checkpoint_a" in one.coords else ""
     b = str(one.checkpoint_b.item()) if "checkpoint_b" in one.coords else ""
     name = f"{short_checkpoint(a)} → {short_checkpoint(b)}" if a and b else str(one.pair.item())
-    barriers = [percent(float(one.error_barrier.sel(split=s))) if s in one.split.values else "–" for s in splits]
+    barriers = [percent(float(barrier_linear(one.error.sel(split=s)))) if s in one.split.values else "–"
+                for s in splits]
     return f"{name}: {' / '.join(barriers)}"
