@@ -15,6 +15,7 @@ from .output import quiet_option
 # name -> (module, attribute, one-line help shown by `landscape --help`)
 COMMANDS = {
     "train": ("cli.train", "train", "Train a dense or sparse network into a run directory."),
+    "sweep": ("cli.sweep", "sweep", "Run a grid of runs (and their analyses) through submitit."),
     "info": ("cli.info", "info", "Show what a run or checkpoint holds."),
     "barrier": ("cli.connectivity", "barrier", "Error/loss barrier on the line between two checkpoints."),
     "connectivity": ("cli.connectivity", "connectivity", "Barriers between consecutive cycles, or between two runs."),
@@ -26,7 +27,6 @@ COMMANDS = {
     "aggregate": ("cli.aggregate", "aggregate", "One dataset of a sweep's results, with intervals over seeds."),
     "plot": ("cli.plot", "plot", "Figures from analysis datasets."),
     "demo": ("cli.demo", "demo", "A small study on MNIST-1D, analyses and figures included."),
-    "sweep": ("cli.sweep", "sweep", "Run a grid of runs (and their analyses) through submitit."),
 }
 
 

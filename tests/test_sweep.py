@@ -346,8 +346,9 @@ def test_slurm_parameters_rendered_without_submitting(tmp_path, monkeypatch):
                                 "--partition", "gpu", "--gpus-per-run", "2", "--time", "30", "--dry-run",
                                 "--json").stdout)
     assert "#SBATCH --partition=gpu" in result["sbatch"] and not (tmp_path / "s").exists()
-    assert result["to_run"][0]["train"][1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                                 "2"]
+    train = result["to_run"][0]["train"]  # torchrun runs the installed cli (-P: not one in the working directory)
+    assert train[1:8] == ["-P", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python"]
+    assert train[9:13] == ["-P", "-m", "cli", "train"]
 
 
 def test_checkpoint_stops_training_and_requeues_the_same_job(tmp_path):
