@@ -48,7 +48,7 @@ class LazyGroup(click.Group):
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except click.UsageError as error:
-            from sparse_training.distributed import environment_rank
+            from sparse_training.torchrun import environment_rank
 
             if environment_rank() == 0:  # under torchrun every rank meets the same error
                 click.echo(f"error: {usage_error_line(error)}", err=True)
@@ -105,7 +105,7 @@ DISTRIBUTED_COMMANDS = ("train", "barrier", "connectivity", "sharpness")
 def _check_torchrun(ctx: click.Context) -> None:
     """Under torchrun, only the commands that split their work run, and the process group is
     left when the command ends; every other command would run N times and race on its files."""
-    from sparse_training.distributed import launched_by_torchrun
+    from sparse_training.torchrun import launched_by_torchrun
 
     if not launched_by_torchrun() or ctx.invoked_subcommand is None:
         return

@@ -25,14 +25,14 @@ def handle_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from sparse_training.errors import SparseTrainingError
+        from sparse_training.errors import FailedOnMain, SparseTrainingError
 
         try:
             return func(*args, **kwargs)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except SparseTrainingError as error:
-            from sparse_training.distributed import FailedOnMain, environment_rank
+            from sparse_training.torchrun import environment_rank
 
             if _debug_enabled():
                 raise
@@ -163,7 +163,7 @@ def quiet_enabled() -> bool:
 def log(message: str) -> None:
     """A log line on stderr, written through tqdm so that it never breaks a progress bar.
     Under torchrun only rank 0 speaks: the ranks of one job log the same events."""
-    from sparse_training.distributed import environment_rank
+    from sparse_training.torchrun import environment_rank
 
     if quiet_enabled() or environment_rank() != 0:
         return
@@ -175,7 +175,7 @@ def log(message: str) -> None:
 def emit(result: dict[str, Any], as_json: bool, summary: str) -> None:
     """The command's result: one JSON object, or the human summary, on stdout (rank 0's alone
     under torchrun)."""
-    from sparse_training.distributed import environment_rank
+    from sparse_training.torchrun import environment_rank
 
     if environment_rank() != 0:
         return

@@ -46,7 +46,7 @@ def train(out, resume_dir, config_file, device, max_parameters, nproc, as_json, 
           --epochs 20 --model resnet1d --data mnist1d --out runs/snip90
     """
     from sparse_training.config import SECTIONS, Config, load_toml, merge
-    from sparse_training.distributed import launched_by_torchrun
+    from sparse_training.torchrun import launched_by_torchrun
     from sparse_training.errors import UserError
 
     if nproc is not None and nproc > 1:

@@ -55,7 +55,6 @@ from .store import described, provenance
 
 ANALYSIS = "aggregate"
 KIND = "aggregate"  # what `landscape plot aggregate` draws
-SWEEP_FILE = SweepDir("").record.name  # sweep.json
 DEFAULT_OUT = "aggregate.nc"
 SKIPPED_ANALYSES = ("metrics", ANALYSIS)  # metrics.csv is read directly; never nest an aggregate
 INTERVAL = "95% Student-t interval of the mean over seeds"
@@ -96,6 +95,10 @@ class Sweep:
     grid: dict[str, list[Any]]
     runs: list[tuple[str, dict[str, Any]]]
 
+    @property
+    def record(self) -> Path:
+        return SweepDir(self.path).record
+
     def run_dir(self, name: str) -> RunDir:
         return RunDir(SweepDir(self.path).run(name))
 
@@ -124,13 +127,14 @@ def read_sweep(path: str | Path) -> Sweep:
         raise UserError(f"{path} does not exist; {NOT_A_SWEEP}")
     if not path.is_dir():
         raise UserError(f"{path} is a file, not a sweep directory; {NOT_A_SWEEP}")
-    if not (path / SWEEP_FILE).exists():
+    record_file = SweepDir(path).record
+    if not record_file.exists():
         if RunDir(path).exists():
-            raise UserError(f"{path} is a run directory, not a sweep (no {SWEEP_FILE}); {NOT_A_SWEEP}, "
+            raise UserError(f"{path} is a run directory, not a sweep (no {record_file.name}); {NOT_A_SWEEP}, "
                             f"or use `landscape metrics {path}` for one run")
-        raise UserError(f"{path} is not a sweep directory (no {SWEEP_FILE}); {NOT_A_SWEEP}")
-    record = read_json(path / SWEEP_FILE, SWEEP_FILE)
-    bad = f"{path / SWEEP_FILE} is not a sweep record written by `landscape sweep`"
+        raise UserError(f"{path} is not a sweep directory (no {record_file.name}); {NOT_A_SWEEP}")
+    record = SweepDir(path).read_record()
+    bad = f"{record_file} is not a sweep record written by `landscape sweep`"
     grid, runs = record.get("grid"), record.get("runs")
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise UserError(f"{bad} (its \"grid\" must map each key to a non-empty list of values)")
@@ -184,7 +188,7 @@ def _index(sweep: Sweep, name: str, point: Mapping[str, Any]) -> tuple[int, ...]
         keys = [_value_key(v) for v in values]
         wanted = _value_key(point[key])
         if wanted not in keys:
-            raise UserError(f"{sweep.path / SWEEP_FILE}: run {name!r} has {key} = {point[key]!r}, which is not on the "
+            raise UserError(f"{sweep.record}: run {name!r} has {key} = {point[key]!r}, which is not on the "
                             f"grid ({values}); the file is not a consistent sweep record")
         index.append(keys.index(wanted))
     return tuple(index)
@@ -291,7 +295,7 @@ def aggregate_dataset(sweep: Sweep, records: Sequence[RunRecord]) -> xr.Dataset:
     shape = tuple(len(v) for v in sweep.grid.values())
     taken = sorted(set(dims) & ({"done", "run", "status"} | set(DESCRIPTIONS)))
     if taken:
-        raise UserError(f"grid key {taken[0]!r} of {sweep.path / SWEEP_FILE} is also the name of a variable of the "
+        raise UserError(f"grid key {taken[0]!r} of {sweep.record} is also the name of a variable of the "
                         "aggregate; rename it in the sweep spec")
     coords = {key: (key, _coordinate(values)) for key, values in sweep.grid.items()}
     by_name = {r.name: r for r in records}
@@ -413,7 +417,7 @@ def aggregate(sweep_path: str | Path, *, out: str | Path | None = None, overwrit
     when nothing it was built from has changed. Says on `log` how many runs are missing."""
     sweep = read_sweep(sweep_path)
     if not sweep.runs:
-        raise UserError(f"{sweep.path / SWEEP_FILE} lists no runs; the sweep's spec has an empty grid")
+        raise UserError(f"{sweep.record} lists no runs; the sweep's spec has an empty grid")
     path = Path(out) if out is not None else sweep.path / DEFAULT_OUT
     if path.exists() and path.is_dir():
         raise UserError(f"--out {path} is a directory; give a file name such as {path / DEFAULT_OUT}")
@@ -425,7 +429,7 @@ def aggregate(sweep_path: str | Path, *, out: str | Path | None = None, overwrit
         raise IncompleteRunError(f"none of the {len(names)} runs of {sweep.path} is done yet; run or resume the sweep "
                                  f"(`landscape sweep SPEC.toml --out {sweep.path}`) first")
     settings = {"sweep": str(sweep.path.resolve()), "fingerprint": fingerprint(sweep)}
-    inputs = [sweep.path / SWEEP_FILE] + [sweep.run_dir(name).metrics for name in done]
+    inputs = [sweep.record] + [sweep.run_dir(name).metrics for name in done]
     attrs = provenance(inputs, settings, path.parent, ANALYSIS)
     attrs.update(_attrs(sweep), **_run_attrs(sweep, done))
 
@@ -498,7 +502,7 @@ def fingerprint(sweep: Sweep) -> str:
         else:
             digest.update(b"absent")
 
-    add(SWEEP_FILE, sweep.path / SWEEP_FILE)
+    add(sweep.record.name, sweep.record)
     for name, _ in sweep.runs:
         run = sweep.run_dir(name)
         for part in (run.done, run.meta, run.metrics):

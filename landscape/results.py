@@ -33,7 +33,6 @@ import numpy as np
 import xarray as xr
 
 from sparse_training import distributed
-from sparse_training.distributed import Group
 from sparse_training.errors import UserError
 
 from . import store
@@ -79,33 +78,7 @@ def update_labels(
     twice = next((label for label in labels if labels.count(label) > 1), None)
     if twice is not None:
         raise UserError(f"{dim} {twice!r} was asked for twice")
-    group = distributed.current()
-    if group.distributed:
-        return _update_labels_distributed(group, path, analysis, labels, prepare, merge, dim, settings, check,
-                                          overwrite)
-    stored = _labelled(path, analysis, dim, settings, check, overwrite)
-    todo = _missing(stored, labels, dim, overwrite)
-    if not todo:
-        return AnalysisResult(stored, path, labels, [], labels)
-    compute, planned = prepare(todo), set(todo)
-    with store.locked(path):
-        ds = _labelled(path, analysis, dim, settings, check, overwrite)  # another process may have added labels
-        missing = _missing(ds, labels, dim, overwrite)
-        if not planned.issuperset(missing):  # or removed some: their inputs are loaded too
-            compute = prepare(missing)
-        for label in missing:
-            ds = merge(ds, compute(label))
-            store.write_dataset(ds, path)
-    return AnalysisResult(ds, path, labels, missing, [label for label in labels if label not in missing])
-
-
-def _update_labels_distributed(
-    group: Group, path: Path, analysis: str, labels: list[str], prepare: Callable[[list[str]], Callable[[str], Any]],
-    merge: Callable[[xr.Dataset | None, Any], xr.Dataset], dim: str, settings: Mapping[str, Any] | None,
-    check: Callable[[xr.Dataset], str | None] | None, overwrite: bool,
-) -> AnalysisResult:
-    """`update_labels` under torchrun: every rank computes (the computations are collective),
-    rank 0 alone reads, locks, merges and writes, and shares its decisions and its result."""
+    group = distributed.current()  # under torchrun: every rank computes, rank 0 alone reads, locks and writes
     state: dict[str, Any] = {}  # rank 0's dataset
 
     def look() -> list[str]:
@@ -122,7 +95,7 @@ def _update_labels_distributed(
                 return look()
 
             missing = group.on_main(look_locked)
-            if not planned.issuperset(missing):
+            if not planned.issuperset(missing):  # their inputs are loaded too
                 compute = prepare(missing)
             for label in missing:
                 part = compute(label)  # on every rank: the collectives of the computation

@@ -1,7 +1,8 @@
 """The processes of one job. A command started by `torchrun` (RANK, WORLD_SIZE, MASTER_ADDR
 in its environment) joins the process group torchrun set up (NCCL on GPUs, gloo on CPU);
 anything else is a group of one, where every collective below returns at once, so the
-library has one code path and a single process pays nothing for it.
+library has one code path and a single process pays nothing for it. (What torchrun's
+environment says is read by `torchrun.py`, which imports no torch, for the CLI.)
 
 Work is split by contiguous shards: of every training batch, of evaluation samples, of the
 samples behind a Hessian-vector product. Each rank's shard is a pure function of (n, rank,
@@ -16,17 +17,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from .errors import SparseTrainingError, UserError
-
-
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def environment_rank() -> int:
-    """This process's rank as torchrun set it (0 outside torchrun); readable before the
-    group exists, so output can be silenced on the other ranks without importing torch.distributed."""
-    return int(os.environ.get("RANK", "0"))
+from .errors import DistributedMismatch, FailedOnMain, UserError
+from .torchrun import environment_rank, launched_by_torchrun
 
 
 class Group:
@@ -126,27 +118,6 @@ class Group:
             raise DistributedMismatch(f"ranks {differing} hold different {what} from rank 0; the processes of this job "
                                       "have diverged (a nondeterministic kernel, or processes of different versions): "
                                       "resume from the last saved state")
-
-
-class DistributedMismatch(SparseTrainingError):
-    """Ranks that must agree bitwise do not. Exit code 1."""
-
-
-class FailedOnMain(SparseTrainingError):
-    """What the other ranks raise when rank 0 failed at a step they wait on (rank 0 raises,
-    and reports, its own error); it carries the message and exit code across processes."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-    @classmethod
-    def of(cls, error: BaseException) -> "FailedOnMain":
-        return cls(f"{error}" if isinstance(error, SparseTrainingError) else f"{type(error).__name__}: {error}",
-                   getattr(error, "exit_code", 1))
-
-    def __reduce__(self):  # pickled by broadcast_object_list
-        return FailedOnMain, (str(self), self.exit_code)
 
 
 _WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -19,7 +19,7 @@ class StopOnOneRank:
     """A stop flag raised on one rank after n checks."""
 
     def __init__(self, rank: int | None, after: int | None):
-        from sparse_training.distributed import environment_rank
+        from sparse_training.torchrun import environment_rank
 
         self.armed = rank is not None and rank == environment_rank()
         self.after, self.checks, self.signal_name = after, 0, "SIGTERM"
@@ -31,7 +31,7 @@ class StopOnOneRank:
 
 def main(path: str) -> None:
     from sparse_training.config import Config
-    from sparse_training.distributed import environment_rank
+    from sparse_training.torchrun import environment_rank
     from sparse_training.procedures import UserInterrupted, train_run
 
     torch.set_num_threads(1)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UserError
+from ..rundir import RunDir
 from .jobs import STOP_WAIT_S, RunJob, analysis_command, train_command
 from .layout import SweepDir
 from .spec import PlannedRun, Spec, to_toml
@@ -80,7 +81,7 @@ def todo(spec: Spec, sweep: SweepDir) -> tuple[list[PlannedRun], list[PlannedRun
     """(runs that need a job, runs finished with every analysis there)."""
     left, finished = [], []
     for run in spec.runs:
-        done = (sweep.run(run.name) / "DONE").exists()
+        done = RunDir(sweep.run(run.name)).is_done()
         analyses = all(sweep.analysis_done(run.name, a) for a in spec.analyses)
         (finished if done and analyses else left).append(run)
     return left, finished

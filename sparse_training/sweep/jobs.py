@@ -2,9 +2,7 @@
 subprocess. A submitit job pickles this callable; on pre-emption or time-out submitit calls
 `checkpoint`, which stops the training process with SIGTERM (it saves its resume state) and
 resubmits the same job, which continues the run: `landscape train --out RUN` on a run with
-the same config continues it, and says "already complete" when it is done.
-
-Imports nothing heavy: the job process unpickles this module before it starts anything."""
+the same config continues it, and says "already complete" when it is done."""
 
 from __future__ import annotations
 
@@ -17,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from ..rundir import RunDir
 
 STOP_WAIT_S = 120  # how long a stopped child gets to save its resume state (SLURM signals 180 s before the end)
 LOCK_WAIT_S = 10
@@ -74,7 +74,7 @@ class RunJob:
 
     def _run(self) -> dict[str, Any]:
         trained = "already complete"
-        if not (Path(self.run) / "DONE").exists():
+        if not RunDir(self.run).is_done():
             code, last = self._subprocess(self.train)
             if code != 0:
                 return self._result("failed", error=f"training exited with {code}: {last}")
